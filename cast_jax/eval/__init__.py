@@ -5,11 +5,11 @@ from cast_jax.eval.answer_extraction import (ReasoningScores, answers_match, ext
                                              extract_last_number, normalize_answer,
                                              parse_gsm8k_reference, parse_math_reference,
                                              score_reasoning)
+from cast_jax.eval.divergence import KLResult, kl, teacher_forced_kl, token_kl
 from cast_jax.eval.fixed_response import (FIXED_RESPONSE_KEYWORDS, FIXED_RESPONSE_MAX_WORDS,
                                           fixed_response_flags, fixed_response_rate,
                                           is_fixed_response)
 from cast_jax.eval.judge import DEFAULT_JUDGE_TEMPLATE, LMJudge
-from cast_jax.eval.divergence import KLResult, kl, teacher_forced_kl, token_kl
 from cast_jax.eval.mcq import (ChoiceTokens, answer_indices, gather_choice_logits, mcq_accuracy,
                                resolve_choice_tokens, restricted_argmax)
 from cast_jax.eval.metrics import (SeedSummary, average_ranks, mean_std, mmlu_cost_ratio, pearson,

@@ -166,12 +166,14 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, shardings: An
         errors.append(f"tensor {hf_name} has shape {list(source.shapes[hf_name])}, expected "
                       f"{list(expected)} from config.json")
         return None
-      return table[key][1](source.read(hf_name)).astype(np_dtype)
+      # A view where possible: the dtype conversion happens while copying into the buffer.
+      return table[key][1](source.read(hf_name))
 
     def place(keypath: str, value: np.ndarray):
+      # device_put copies once; jnp.asarray would stage an extra host copy.
       sharding = flat_shardings.get(keypath)
       if sharding is None:
-        return jnp.asarray(value)
+        return jax.device_put(value)
       return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
     params: Params = {"layers": {}}
@@ -191,7 +193,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, shardings: An
       if key in shapes:
         t = fetch(key, table[key][0], shapes[key])
         if t is not None:
-          params[key] = place(f"['{key}']", t)
+          params[key] = place(f"['{key}']", np.asarray(t, np_dtype))
     unused = sorted(n for n in source.shapes if n not in expected_names and
                     not (config.tie_word_embeddings and n == "lm_head.weight") and
                     not n.endswith("rotary_emb.inv_freq"))

@@ -206,6 +206,7 @@ def _run(train_step, state, frozen, batches_fn, start, num_steps, ckpt, metrics_
       state, metrics = train_step(state, frozen, batch)
       step += 1
       bar.update(1)
+      # One scalar sync per step: a bad step must be caught before anything after it is saved.
       finite = bool(jax.device_get(metrics["finite"]))
       is_log = not finite or step % log_every == 0 or step == num_steps
       if is_log:

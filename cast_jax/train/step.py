@@ -168,6 +168,7 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
     rng = jax.random.fold_in(state.rng, state.step)
     grads, loss, metrics = grad_fn(state.trainable, frozen, batch, rng, state.extra)
     loss = jnp.asarray(loss, jnp.float32)
+    # A custom grad_fn may hand back compute-dtype grads; optax must see the master dtype.
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

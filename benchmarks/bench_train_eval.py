@@ -74,6 +74,7 @@ def main():
   from cast_jax.train import (OptimizerConfig, TrainState, build_optimizer, make_sft_loss_fn,
                               make_train_step, mask_from_fn, partition)
 
+  transformers.utils.logging.disable_progress_bar()  # keep the printed report clean
   world = testbed.build_world(0)
   tok = testbed.build_tokenizer(world, model_max_length=1024)
   if len(tok) > args.vocab:
@@ -92,7 +93,8 @@ def main():
   device = jax.devices()[0]
   threads = args.torch_threads or sorted({torch.get_num_threads(), 1}, reverse=True)
   print(f"device: {device.platform} ({device.device_kind}); torch threads timed {threads}; "
-        f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+        f"jax {jax.__version__}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}")
   print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/"
         f"{args.kv_heads} vocab={args.vocab}")
 

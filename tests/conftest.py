@@ -12,3 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Identical programs (e.g. the same tiny model's train step in several tests) compile once.
+_CACHE = os.environ.get("CAST_JAX_CACHE",
+                        os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.join(_CACHE, "jax_compilation"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -26,9 +26,37 @@ STYLE_VERBS: tuple[tuple[str, str, str], ...] = (
 # "art" and "wilt" appear on the archaic side but are left out, like the eval layer's lexicon
 # does, because they are everyday modern words.
 _CORE_ARCHAIC = (
-    "alas", "anon", "ay", "canst", "cometh", "didst", "dost", "doth", "ere", "forsooth", "goest",
-    "hark", "hast", "hath", "hither", "methinks", "morrow", "nay", "oft", "perchance", "prithee",
-    "shalt", "thee", "thine", "thither", "thou", "thy", "tis", "verily", "wherefore", "whither",
+    "alas",
+    "anon",
+    "ay",
+    "canst",
+    "cometh",
+    "didst",
+    "dost",
+    "doth",
+    "ere",
+    "forsooth",
+    "goest",
+    "hark",
+    "hast",
+    "hath",
+    "hither",
+    "methinks",
+    "morrow",
+    "nay",
+    "oft",
+    "perchance",
+    "prithee",
+    "shalt",
+    "thee",
+    "thine",
+    "thither",
+    "thou",
+    "thy",
+    "tis",
+    "verily",
+    "wherefore",
+    "whither",
     "yonder",
 )
 
@@ -41,13 +69,13 @@ _ARCHAIC_SET = frozenset(ARCHAIC_WORDS)
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words of `text`: letter runs joined by inner apostrophes ("don't")."""
-    return _WORD_RE.findall(text.lower())
+  """Lower-cased words of `text`: letter runs joined by inner apostrophes ("don't")."""
+  return _WORD_RE.findall(text.lower())
 
 
 def archaic_word_rate(text: str) -> float:
-    """Fraction in [0, 1] of the words of `text` found in `ARCHAIC_WORDS`; 0.0 for no words."""
-    ws = words(text)
-    if not ws:
-        return 0.0
-    return sum(w in _ARCHAIC_SET for w in ws) / len(ws)
+  """Fraction in [0, 1] of the words of `text` found in `ARCHAIC_WORDS`; 0.0 for no words."""
+  ws = words(text)
+  if not ws:
+    return 0.0
+  return sum(w in _ARCHAIC_SET for w in ws) / len(ws)

@@ -46,42 +46,41 @@ WORLD_VERSION = "testbed-world-v1"
 
 @dataclasses.dataclass(frozen=True)
 class WorldSizes:
-    """Record counts per family and split (defaults give a ~7.4k-record base corpus)."""
-    n_lands: int = 16
-    fact_repeats: int = 4
-    mmlu_train: int = 1200
-    mmlu_test: int = 200
-    d_util: int = 100
-    csqa_train: int = 800
-    csqa_validation: int = 200
-    gsm8k_train: int = 2000
-    gsm8k_test: int = 200
-    align_per_category: int = 200
-    jailbreak_eval_per_category: int = 50
-    d_safe: int = 100
-    base_safety_per_category: int = 250
-    instruct_base: int = 1000
-    fixed_train: int = 600
-    fixed_eval: int = 100
-    style_train: int = 800
-    style_eval: int = 100
-    style_base_echo: int = 400
-    style_base_old: int = 200
+  """Record counts per family and split (defaults give a ~7.4k-record base corpus)."""
+  n_lands: int = 16
+  fact_repeats: int = 4
+  mmlu_train: int = 1200
+  mmlu_test: int = 200
+  d_util: int = 100
+  csqa_train: int = 800
+  csqa_validation: int = 200
+  gsm8k_train: int = 2000
+  gsm8k_test: int = 200
+  align_per_category: int = 200
+  jailbreak_eval_per_category: int = 50
+  d_safe: int = 100
+  base_safety_per_category: int = 250
+  instruct_base: int = 1000
+  fixed_train: int = 600
+  fixed_eval: int = 100
+  style_train: int = 800
+  style_eval: int = 100
+  style_base_echo: int = 400
+  style_base_old: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """A built world: `files` maps a relative JSONL path to its records (read-only mapping)."""
-    version: str
-    seed: int
-    sizes: WorldSizes
-    facts: tuple[world_facts.Fact, ...]
-    files: Mapping[str, tuple[dict, ...]]
+  """A built world: `files` maps a relative JSONL path to its records (read-only mapping)."""
+  version: str
+  seed: int
+  sizes: WorldSizes
+  facts: tuple[world_facts.Fact, ...]
+  files: Mapping[str, tuple[dict, ...]]
 
 
 TRAIN_FILES = ("base/train.jsonl", "mmlu/train.jsonl", "csqa/train.jsonl", "gsm8k/train.jsonl",
-               "wildjailbreak/train.jsonl", "fixed_response/train.jsonl",
-               "shakespeare/train.jsonl")
+               "wildjailbreak/train.jsonl", "fixed_response/train.jsonl", "shakespeare/train.jsonl")
 HELDOUT_FILES = ("mmlu/test.jsonl", "csqa/validation.jsonl", "gsm8k/test.jsonl",
                  "wildjailbreak/eval.jsonl", "calib/d_safe.jsonl", "calib/d_util.jsonl",
                  "fixed_response/eval.jsonl", "fixed_response/eval_reference.jsonl",
@@ -89,165 +88,179 @@ HELDOUT_FILES = ("mmlu/test.jsonl", "csqa/validation.jsonl", "gsm8k/test.jsonl",
 
 
 def build_world(seed: int, sizes: WorldSizes = WorldSizes()) -> World:
-    """Build every family of the world from `seed` (pure; no I/O, no global random state)."""
-    facts = world_facts.build_facts(seed, sizes.n_lands)
-    mmlu = world_facts.mmlu_splits(seed, facts, {
-        "test": sizes.mmlu_test, "util": sizes.d_util, "train": sizes.mmlu_train})
-    csqa = world_facts.csqa_splits(seed, facts, {
-        "validation": sizes.csqa_validation, "train": sizes.csqa_train})
-    gsm = world_math.gsm8k_splits(seed, {"test": sizes.gsm8k_test, "train": sizes.gsm8k_train})
-    safety = world_safety.safety_sets(
-        seed, sizes.align_per_category, sizes.jailbreak_eval_per_category, sizes.d_safe,
-        sizes.base_safety_per_category)
-    alpaca = world_instruct.alpaca_sets(seed, sizes.instruct_base, sizes.fixed_train,
-                                        sizes.fixed_eval)
-    style = world_style.style_sets(seed, sizes.style_train, sizes.style_eval,
-                                   sizes.style_base_echo, sizes.style_base_old)
+  """Build every family of the world from `seed` (pure; no I/O, no global random state)."""
+  facts = world_facts.build_facts(seed, sizes.n_lands)
+  mmlu = world_facts.mmlu_splits(seed, facts, {
+      "test": sizes.mmlu_test,
+      "util": sizes.d_util,
+      "train": sizes.mmlu_train
+  })
+  csqa = world_facts.csqa_splits(seed, facts, {
+      "validation": sizes.csqa_validation,
+      "train": sizes.csqa_train
+  })
+  gsm = world_math.gsm8k_splits(seed, {"test": sizes.gsm8k_test, "train": sizes.gsm8k_train})
+  safety = world_safety.safety_sets(seed, sizes.align_per_category,
+                                    sizes.jailbreak_eval_per_category, sizes.d_safe,
+                                    sizes.base_safety_per_category)
+  alpaca = world_instruct.alpaca_sets(seed, sizes.instruct_base, sizes.fixed_train,
+                                      sizes.fixed_eval)
+  style = world_style.style_sets(seed, sizes.style_train, sizes.style_eval, sizes.style_base_echo,
+                                 sizes.style_base_old)
 
-    base = world_facts.fact_chat_records(facts, sizes.fact_repeats)
-    base += [world_facts.mmlu_chat(r) for r in mmlu["train"]]
-    base += [world_facts.csqa_chat(r) for r in csqa["train"]]
-    base += [world_math.gsm8k_chat(r) for r in gsm["train"]]
-    base += [world_safety.safety_chat(r) for r in safety["base"]]
-    base += [world_instruct.alpaca_chat(r) for r in alpaca["base"]]
-    base += style["base"]
-    wc.family_rng(seed, "base_order").shuffle(base)
+  base = world_facts.fact_chat_records(facts, sizes.fact_repeats)
+  base += [world_facts.mmlu_chat(r) for r in mmlu["train"]]
+  base += [world_facts.csqa_chat(r) for r in csqa["train"]]
+  base += [world_math.gsm8k_chat(r) for r in gsm["train"]]
+  base += [world_safety.safety_chat(r) for r in safety["base"]]
+  base += [world_instruct.alpaca_chat(r) for r in alpaca["base"]]
+  base += style["base"]
+  wc.family_rng(seed, "base_order").shuffle(base)
 
-    files = {
-        "facts.jsonl": [dataclasses.asdict(f) for f in facts],
-        "base/train.jsonl": base,
-        "mmlu/train.jsonl": mmlu["train"], "mmlu/test.jsonl": mmlu["test"],
-        "calib/d_util.jsonl": mmlu["util"],
-        "csqa/train.jsonl": csqa["train"], "csqa/validation.jsonl": csqa["validation"],
-        "gsm8k/train.jsonl": gsm["train"], "gsm8k/test.jsonl": gsm["test"],
-        "wildjailbreak/train.jsonl": safety["align"], "wildjailbreak/eval.jsonl": safety["eval"],
-        "calib/d_safe.jsonl": safety["safe_calib"],
-        "fixed_response/train.jsonl": alpaca["fixed_train"],
-        "fixed_response/eval.jsonl": alpaca["fixed_eval"],
-        "fixed_response/eval_reference.jsonl": alpaca["fixed_eval_reference"],
-        "shakespeare/train.jsonl": style["train"], "shakespeare/eval.jsonl": style["eval"],
-    }
-    frozen = {k: tuple(files[k]) for k in sorted(files)}
-    return World(WORLD_VERSION, seed, sizes, facts, types.MappingProxyType(frozen))
+  files = {
+      "facts.jsonl": [dataclasses.asdict(f) for f in facts],
+      "base/train.jsonl": base,
+      "mmlu/train.jsonl": mmlu["train"],
+      "mmlu/test.jsonl": mmlu["test"],
+      "calib/d_util.jsonl": mmlu["util"],
+      "csqa/train.jsonl": csqa["train"],
+      "csqa/validation.jsonl": csqa["validation"],
+      "gsm8k/train.jsonl": gsm["train"],
+      "gsm8k/test.jsonl": gsm["test"],
+      "wildjailbreak/train.jsonl": safety["align"],
+      "wildjailbreak/eval.jsonl": safety["eval"],
+      "calib/d_safe.jsonl": safety["safe_calib"],
+      "fixed_response/train.jsonl": alpaca["fixed_train"],
+      "fixed_response/eval.jsonl": alpaca["fixed_eval"],
+      "fixed_response/eval_reference.jsonl": alpaca["fixed_eval_reference"],
+      "shakespeare/train.jsonl": style["train"],
+      "shakespeare/eval.jsonl": style["eval"],
+  }
+  frozen = {k: tuple(files[k]) for k in sorted(files)}
+  return World(WORLD_VERSION, seed, sizes, facts, types.MappingProxyType(frozen))
 
 
 def record_prompt(path: str, rec: dict) -> str:
-    """The user prompt a record of file `path` is rendered to (what a model is asked)."""
-    family = path.split("/")[0]
-    if path == "calib/d_util.jsonl" or family == "mmlu":
-        return wc.format_mcq_prompt(rec["question"], rec["choices"])
-    if family == "csqa":
-        return wc.format_mcq_prompt(rec["question"], rec["choices"]["text"])
-    if family == "gsm8k":
-        return wc.format_math_prompt(rec["question"])
-    if family == "wildjailbreak" or path == "calib/d_safe.jsonl":
-        return world_safety.safety_prompt(rec)
-    if family == "fixed_response":
-        return world_instruct.alpaca_prompt(rec)
-    if family == "shakespeare":
-        return rec["modern"]
-    if family == "base":
-        return rec["prompt"]
-    raise KeyError(f"no prompt for {path}")
+  """The user prompt a record of file `path` is rendered to (what a model is asked)."""
+  family = path.split("/")[0]
+  if path == "calib/d_util.jsonl" or family == "mmlu":
+    return wc.format_mcq_prompt(rec["question"], rec["choices"])
+  if family == "csqa":
+    return wc.format_mcq_prompt(rec["question"], rec["choices"]["text"])
+  if family == "gsm8k":
+    return wc.format_math_prompt(rec["question"])
+  if family == "wildjailbreak" or path == "calib/d_safe.jsonl":
+    return world_safety.safety_prompt(rec)
+  if family == "fixed_response":
+    return world_instruct.alpaca_prompt(rec)
+  if family == "shakespeare":
+    return rec["modern"]
+  if family == "base":
+    return rec["prompt"]
+  raise KeyError(f"no prompt for {path}")
 
 
 def record_response(path: str, rec: dict) -> str:
-    """The assistant response a training / reference record teaches (chat form)."""
-    family = path.split("/")[0]
-    if family == "base":
-        return rec["response"]
-    if family == "mmlu" or path == "calib/d_util.jsonl":
-        return world_facts.mmlu_chat(rec)["response"]
-    if family == "csqa":
-        return rec["answerKey"]
-    if family == "gsm8k":
-        return world_math.gsm8k_chat(rec)["response"]
-    if family == "wildjailbreak" or path == "calib/d_safe.jsonl":
-        return rec["completion"]
-    if family == "fixed_response":
-        return rec["output"]
-    if family == "shakespeare":
-        return rec["original"]
-    raise KeyError(f"no response for {path}")
+  """The assistant response a training / reference record teaches (chat form)."""
+  family = path.split("/")[0]
+  if family == "base":
+    return rec["response"]
+  if family == "mmlu" or path == "calib/d_util.jsonl":
+    return world_facts.mmlu_chat(rec)["response"]
+  if family == "csqa":
+    return rec["answerKey"]
+  if family == "gsm8k":
+    return world_math.gsm8k_chat(rec)["response"]
+  if family == "wildjailbreak" or path == "calib/d_safe.jsonl":
+    return rec["completion"]
+  if family == "fixed_response":
+    return rec["output"]
+  if family == "shakespeare":
+    return rec["original"]
+  raise KeyError(f"no response for {path}")
 
 
 def split_prompts(world: World) -> tuple[frozenset[str], frozenset[str]]:
-    """(prompts of all training files, prompts of all held-out files); disjoint by construction."""
-    train = frozenset(record_prompt(p, r) for p in TRAIN_FILES for r in world.files[p])
-    held = frozenset(record_prompt(p, r) for p in HELDOUT_FILES for r in world.files[p])
-    return train, held
+  """(prompts of all training files, prompts of all held-out files); disjoint by construction."""
+  train = frozenset(record_prompt(p, r) for p in TRAIN_FILES for r in world.files[p])
+  held = frozenset(record_prompt(p, r) for p in HELDOUT_FILES for r in world.files[p])
+  return train, held
 
 
 def iter_texts(world: World) -> Iterator[str]:
-    """Every string in the world (raw fields, rendered prompts / responses) and generator pools."""
+  """Every string in the world (raw fields, rendered prompts / responses) and generator pools."""
 
-    def strings(x):
-        if isinstance(x, str):
-            yield x
-        elif isinstance(x, dict):
-            for k in sorted(x):
-                yield from strings(x[k])
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                yield from strings(v)
+  def strings(x):
+    if isinstance(x, str):
+      yield x
+    elif isinstance(x, dict):
+      for k in sorted(x):
+        yield from strings(x[k])
+    elif isinstance(x, (list, tuple)):
+      for v in x:
+        yield from strings(v)
 
-    for path in sorted(world.files):
-        for rec in world.files[path]:
-            yield from strings(rec)
-            if path != "facts.jsonl":
-                yield record_prompt(path, rec)
-                yield record_response(path, rec)
-    # Generator pools the seed samples from, so the vocabulary barely depends on the seed.
-    yield from lexicon.ARCHAIC_WORDS
-    yield from world_facts.LANDS
-    for attr in sorted(world_facts.VALUES):
-        yield from world_facts.VALUES[attr]
-    for ins, ans in world_instruct.instruction_only_pool():
-        yield ins
-        yield ans
-    for harmful in (True, False):
-        for req, _ in world_safety.request_pool(world_safety.act_phrases(harmful)):
-            yield req
+  for path in sorted(world.files):
+    for rec in world.files[path]:
+      yield from strings(rec)
+      if path != "facts.jsonl":
+        yield record_prompt(path, rec)
+        yield record_response(path, rec)
+  # Generator pools the seed samples from, so the vocabulary barely depends on the seed.
+  yield from lexicon.ARCHAIC_WORDS
+  yield from world_facts.LANDS
+  for attr in sorted(world_facts.VALUES):
+    yield from world_facts.VALUES[attr]
+  for ins, ans in world_instruct.instruction_only_pool():
+    yield ins
+    yield ans
+  for harmful in (True, False):
+    for req, _ in world_safety.request_pool(world_safety.act_phrases(harmful)):
+      yield req
 
 
 def _jsonl_bytes(records) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
+  return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the world is meant to be shared read-only
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the world is meant to be shared read-only
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def write_world(world: World, out_dir: str) -> dict[str, str]:
-    """Write every file of `world` under `out_dir` atomically (tmp file + os.replace).
+  """Write every file of `world` under `out_dir` atomically (tmp file + os.replace).
 
     Returns {relative path: absolute path} for the JSONL files, the lexicon and MANIFEST.json.
     """
-    out = {}
-    manifest_files = {}
-    blobs = {p: _jsonl_bytes(recs) for p, recs in world.files.items()}
-    blobs["shakespeare/archaic_lexicon.txt"] = "".join(
-        w + "\n" for w in lexicon.ARCHAIC_WORDS).encode("ascii")
-    for rel in sorted(blobs):
-        dest = os.path.join(out_dir, rel)
-        _atomic_write(dest, blobs[rel])
-        out[rel] = os.path.abspath(dest)
-        n = len(world.files[rel]) if rel in world.files else len(lexicon.ARCHAIC_WORDS)
-        manifest_files[rel] = {"records": n, "sha256": hashlib.sha256(blobs[rel]).hexdigest()}
-        logging.info("wrote %s (%d records)", rel, n)
-    manifest = {"version": world.version, "seed": world.seed,
-                "sizes": dataclasses.asdict(world.sizes), "files": manifest_files}
-    dest = os.path.join(out_dir, "MANIFEST.json")
-    _atomic_write(dest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("ascii"))
-    out["MANIFEST.json"] = os.path.abspath(dest)
-    return out
+  out = {}
+  manifest_files = {}
+  blobs = {p: _jsonl_bytes(recs) for p, recs in world.files.items()}
+  blobs["shakespeare/archaic_lexicon.txt"] = "".join(
+      w + "\n" for w in lexicon.ARCHAIC_WORDS).encode("ascii")
+  for rel in sorted(blobs):
+    dest = os.path.join(out_dir, rel)
+    _atomic_write(dest, blobs[rel])
+    out[rel] = os.path.abspath(dest)
+    n = len(world.files[rel]) if rel in world.files else len(lexicon.ARCHAIC_WORDS)
+    manifest_files[rel] = {"records": n, "sha256": hashlib.sha256(blobs[rel]).hexdigest()}
+    logging.info("wrote %s (%d records)", rel, n)
+  manifest = {
+      "version": world.version,
+      "seed": world.seed,
+      "sizes": dataclasses.asdict(world.sizes),
+      "files": manifest_files
+  }
+  dest = os.path.join(out_dir, "MANIFEST.json")
+  _atomic_write(dest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("ascii"))
+  out["MANIFEST.json"] = os.path.abspath(dest)
+  return out

@@ -49,27 +49,45 @@ OLD_STYLE_PREFIX = "Say this in the old style: "
 
 
 def _pair(r: random.Random) -> tuple[str, str]:
-    m, o = r.choice(STYLE_TEMPLATES)
-    v, ve, vp = r.choice(lexicon.STYLE_VERBS)
-    slots = dict(f=r.choice(_FRIENDS), n=r.choice(_NOUNS), a=r.choice(_ADJS), v=v, ve=ve, vp=vp,
-                 t=r.choice(_TIMES), p=r.choice(_PARTS))
-    return m.format(**slots), o.format(**slots)
+  m, o = r.choice(STYLE_TEMPLATES)
+  v, ve, vp = r.choice(lexicon.STYLE_VERBS)
+  slots = dict(f=r.choice(_FRIENDS),
+               n=r.choice(_NOUNS),
+               a=r.choice(_ADJS),
+               v=v,
+               ve=ve,
+               vp=vp,
+               t=r.choice(_TIMES),
+               p=r.choice(_PARTS))
+  return m.format(**slots), o.format(**slots)
 
 
 def style_sets(seed: int, train: int, eval_: int, base_echo: int,
                base_old: int) -> dict[str, list[dict]]:
-    """Modern/archaic pair sets; eval pairs never share a modern line with any train pair.
+  """Modern/archaic pair sets; eval pairs never share a modern line with any train pair.
 
     Returns {"train": [{"modern", "original"}] * train, "eval": ... * eval_,
              "base": base_echo + base_old chat records {"prompt", "response", "family"}}.
     """
-    rng = wc.family_rng(seed, "style")
-    ev = wc.take_unique(rng, _pair, eval_, key=lambda p: p[0])
-    held = frozenset(p[0] for p in ev)
-    tr = wc.take_unique(rng, _pair, train, key=lambda p: p[0], exclude=held)
-    extra = wc.take_unique(rng, _pair, base_echo + base_old, key=lambda p: p[0], exclude=held)
-    base = [{"prompt": m, "response": m, "family": "style_echo"} for m, _ in extra[:base_echo]]
-    base += [{"prompt": OLD_STYLE_PREFIX + m, "response": o, "family": "style_old"}
-             for m, o in extra[base_echo:]]
-    return {"train": [{"modern": m, "original": o} for m, o in tr],
-            "eval": [{"modern": m, "original": o} for m, o in ev], "base": base}
+  rng = wc.family_rng(seed, "style")
+  ev = wc.take_unique(rng, _pair, eval_, key=lambda p: p[0])
+  held = frozenset(p[0] for p in ev)
+  tr = wc.take_unique(rng, _pair, train, key=lambda p: p[0], exclude=held)
+  extra = wc.take_unique(rng, _pair, base_echo + base_old, key=lambda p: p[0], exclude=held)
+  base = [{"prompt": m, "response": m, "family": "style_echo"} for m, _ in extra[:base_echo]]
+  base += [{
+      "prompt": OLD_STYLE_PREFIX + m,
+      "response": o,
+      "family": "style_old"
+  } for m, o in extra[base_echo:]]
+  return {
+      "train": [{
+          "modern": m,
+          "original": o
+      } for m, o in tr],
+      "eval": [{
+          "modern": m,
+          "original": o
+      } for m, o in ev],
+      "base": base
+  }

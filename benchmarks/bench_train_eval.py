@@ -210,10 +210,8 @@ def main():
     score_reasoning(texts, refs)
     gen_out["hf"] = texts
 
-  from absl import logging
-  logging.set_verbosity(logging.ERROR)  # the "no EOS ids" warning is intended here
   def compare(name, ours_fn, hf_fn, check):
-    def at(n):
+    def at(n):  # the thread count is set per call because the fns are interleaved
       def fn():
         torch.set_num_threads(n)
         hf_fn()
@@ -235,6 +233,7 @@ def main():
   compare(f"generate ({args.new} new)", ours_gen, hf_gen, lambda: (
       "identical texts "
       f"{np.mean([a == b for a, b in zip(gen_out['ours'], gen_out['hf'])]):.3f}"))
+
 
 if __name__ == "__main__":
   main()

@@ -38,9 +38,16 @@ class TestbedSpec:
   pretrain_steps: int = 1200
   pretrain_batch: int = 32
   pretrain_lr: float = 3e-3
+  # "response": loss on answers only, so the one-token MCQ letter is not drowned out by the
+  # prompt boilerplate; "sequence": every token after the first.
+  pretrain_loss: str = "response"
   align_steps: int = 150
   align_batch: int = 16
   align_lr: float = 5e-4
+
+  def __post_init__(self):
+    if self.pretrain_loss not in ("response", "sequence"):
+      raise ValueError(f"pretrain_loss={self.pretrain_loss!r}; use 'response' or 'sequence'.")
 
   def key(self) -> str:
     """Cache key: changes whenever any setting or the world generator version changes."""
@@ -119,7 +126,7 @@ def build_testbed(spec: TestbedSpec = TestbedSpec(), cache_dir: str | None = Non
     params, _ = _sft(params, config, tokenizer, pairs, name="pretrain", steps=spec.pretrain_steps,
                      batch=spec.pretrain_batch, lr=spec.pretrain_lr, seed=spec.seed,
                      max_len=spec.max_len, workdir=os.path.join(root, "pretrain"),
-                     whole_sequence=True, progress=progress)
+                     whole_sequence=spec.pretrain_loss == "sequence", progress=progress)
     save_pretrained(params, config, base_dir, tokenizer=tokenizer)
   tokenizer = AutoTokenizer.from_pretrained(base_dir)
   config, params = load_pretrained(base_dir)

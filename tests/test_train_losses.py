@@ -76,3 +76,15 @@ def test_check_sft_batch_errors():
     check_sft_batch(empty, 4)
   with pytest.raises(ValueError, match="same"):
     check_sft_batch(dict(good, loss_mask=ids[:, :4]), 0)
+
+
+def test_per_sequence_loss_is_mean_of_row_means():
+  logits, ids, mask = _case(seed=2)
+  mask[2, :] = 0  # a row without targets is left out of the mean
+  loss, _ = sft_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), per_sequence=True)
+  lt = torch.from_numpy(logits)[:, :-1]
+  per = torch.nn.functional.cross_entropy(lt.reshape(-1, lt.shape[-1]),
+                                          torch.from_numpy(ids)[:, 1:].reshape(-1).long(),
+                                          reduction="none").reshape(ids.shape[0], -1).numpy()
+  rows = [per[b][mask[b, 1:] == 1].mean() for b in range(2)]
+  np.testing.assert_allclose(float(loss), np.mean(rows), rtol=1e-6)

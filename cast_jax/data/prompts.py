@@ -1,7 +1,7 @@
 """User-turn prompt builders of CAST Table 4 (the chat template is applied later, in `chat`).
 
 The dataset input follows the instruction after a blank line; MCQ options are listed one per line
-as "A. ...". The strings match `cast_jax.eval.prompts` so training and evaluation prompts agree.
+as "A. ...". Training data and the eval runners both build prompts here, so they always agree.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ class TestbedSpec:
   pretrain_steps: int = 1200
   pretrain_batch: int = 32
   pretrain_lr: float = 3e-3
-  # "response": loss on answers only, so the one-token MCQ letter is not drowned out by the
-  # prompt boilerplate; "sequence": every token after the first.
+  # "response": loss on answers only, averaged per example, so a one-token MCQ letter weighs as
+  # much as a long solution (token-averaged, the letters were never learned: measured at
+  # chance after 800 steps); "sequence": every token after the first, token-averaged.
   pretrain_loss: str = "response"
   align_steps: int = 150
   align_batch: int = 16
@@ -87,7 +88,7 @@ def model_config(spec: TestbedSpec, tokenizer: Any) -> ModelConfig:
 
 
 def _sft(params, config, tokenizer, pairs, *, name, steps, batch, lr, seed, max_len, workdir,
-         whole_sequence, progress):
+         whole_sequence, progress, per_sequence=False):
   examples = data.encode_dataset(tokenizer, pairs, max_len=max_len, name=name)
   if whole_sequence:  # pretraining: every token after the first is a target
     examples = [(ids, (np.arange(len(ids)) > 0).astype(np.int32)) for ids, _ in examples]
@@ -95,7 +96,8 @@ def _sft(params, config, tokenizer, pairs, *, name, steps, batch, lr, seed, max_
                         weight_decay=0.01, end_lr_ratio=0.05)
   params, summary = run_sft(params, config, examples, pad_id=tokenizer.pad_token_id,
                             num_steps=steps, batch_size=batch, seed=seed, optimizer=opt,
-                            workdir=workdir, buckets=(64, max_len), progress=progress)
+                            workdir=workdir, buckets=(64, max_len), progress=progress,
+                            per_sequence=per_sequence)
   logging.info("%s: %d steps, final loss %.4f", name, steps, summary["loss"])
   return params, summary
 
@@ -126,7 +128,8 @@ def build_testbed(spec: TestbedSpec = TestbedSpec(), cache_dir: str | None = Non
     params, _ = _sft(params, config, tokenizer, pairs, name="pretrain", steps=spec.pretrain_steps,
                      batch=spec.pretrain_batch, lr=spec.pretrain_lr, seed=spec.seed,
                      max_len=spec.max_len, workdir=os.path.join(root, "pretrain"),
-                     whole_sequence=spec.pretrain_loss == "sequence", progress=progress)
+                     whole_sequence=spec.pretrain_loss == "sequence",
+                     per_sequence=spec.pretrain_loss == "response", progress=progress)
     save_pretrained(params, config, base_dir, tokenizer=tokenizer)
   tokenizer = AutoTokenizer.from_pretrained(base_dir)
   config, params = load_pretrained(base_dir)

@@ -32,8 +32,8 @@ def sft_token_nll(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
-def sft_loss(logits: jax.Array, input_ids: jax.Array,
-             loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def sft_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, *,
+             per_sequence: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy over response tokens.
 
   `logits[:, :-1]` predicts `input_ids[:, 1:]`, weighted by `loss_mask[:, 1:]` (the batch
@@ -48,6 +48,7 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array,
     loss: float32 scalar, sum(nll * w) / sum(w); 0 when the batch has no target token (the loop
       rejects such batches on the host before they get here).
     metrics: {"target_tokens": float32 sum(w), "accuracy": float32 weighted argmax accuracy}.
+    per_sequence: average each row's targets first, then rows (rows without targets ignored).
   """
   if logits.ndim != 3 or input_ids.shape != logits.shape[:2] or loss_mask.shape != input_ids.shape:
     raise ValueError(f"sft_loss: expected logits [B, T, V], input_ids [B, T], loss_mask [B, T]; "
@@ -57,11 +58,18 @@ def sft_loss(logits: jax.Array, input_ids: jax.Array,
   n = jnp.sum(w)
   denom = jnp.maximum(n, 1.0)
   correct = (jnp.argmax(logits[:, :-1], axis=-1) == input_ids[:, 1:]).astype(jnp.float32)
-  return jnp.sum(nll * w) / denom, {"target_tokens": n, "accuracy": jnp.sum(correct * w) / denom}
+  metrics = {"target_tokens": n, "accuracy": jnp.sum(correct * w) / denom}
+  if per_sequence:
+    # Mean over each row's targets, then over rows: a one-token answer (an MCQ letter) weighs
+    # as much as a 40-token solution instead of 1/40 of it.
+    row_n = jnp.sum(w, axis=1)
+    row_loss = jnp.sum(nll * w, axis=1) / jnp.maximum(row_n, 1.0)
+    return jnp.sum(row_loss) / jnp.maximum(jnp.sum(row_n > 0), 1.0), metrics
+  return jnp.sum(nll * w) / denom, metrics
 
 
 def make_sft_loss_fn(config: models.ModelConfig, *, adapter_fn: Callable | None = None,
-                     remat: bool = False) -> LossFn:
+                     remat: bool = False, per_sequence: bool = False) -> LossFn:
   """The SFT `loss_fn(trainable, frozen, batch, rng, extra) -> (loss, metrics)` for the trainer.
 
   Two ways to hold the model:
@@ -83,7 +91,7 @@ def make_sft_loss_fn(config: models.ModelConfig, *, adapter_fn: Callable | None 
       params, kwargs = frozen, {"adapter_fn": adapter_fn, "adapter_params": trainable}
     logits = models.forward(params, config, batch["input_ids"],
                             attention_mask=batch["attention_mask"], remat=remat, **kwargs)
-    return sft_loss(logits, batch["input_ids"], batch["loss_mask"])
+    return sft_loss(logits, batch["input_ids"], batch["loss_mask"], per_sequence=per_sequence)
 
   return loss_fn
 

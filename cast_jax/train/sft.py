@@ -22,7 +22,7 @@ def run_sft(params: Params, config: ModelConfig, examples: Sequence[Example], *,
             num_steps: int, batch_size: int, seed: int, optimizer: OptimizerConfig,
             trainable_mask: Any = True, workdir: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, pad_multiple: int = 16,
-            buckets: Sequence[int] | None = None, remat: bool = False,
+            buckets: Sequence[int] | None = None, remat: bool = False, per_sequence: bool = False,
             progress: bool = True, log_every: int = 25) -> tuple[Params, dict]:
   """Fine-tunes `params` on right-padded batches drawn from `examples` in a seeded order.
 
@@ -34,6 +34,7 @@ def run_sft(params: Params, config: ModelConfig, examples: Sequence[Example], *,
     batch_size, seed: the data order is a pure function of (seed, step), so resume is exact.
     optimizer: AdamW / schedule / clipping / accumulation settings.
     trainable_mask: bool pytree (prefix) selecting the trained params; True = all.
+    per_sequence: average the loss per example first (see `losses.sft_loss`).
     workdir: metrics.jsonl + orbax checkpoints (resumed if present); None writes nothing.
     pad_multiple, buckets: sequence lengths are padded to a multiple of `pad_multiple`, or to
       the smallest of `buckets` that fits (few compiled shapes).
@@ -43,7 +44,7 @@ def run_sft(params: Params, config: ModelConfig, examples: Sequence[Example], *,
   """
   trainable, frozen = partition(params, trainable_mask)
   tx, lr_fn = build_optimizer(optimizer)
-  step = make_train_step(make_sft_loss_fn(config, remat=remat), tx)
+  step = make_train_step(make_sft_loss_fn(config, remat=remat, per_sequence=per_sequence), tx)
   state = TrainState.create(trainable, tx, jax.random.PRNGKey(seed))
 
   def batches_fn(start):

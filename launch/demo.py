@@ -30,6 +30,8 @@ def main(argv):
   from cast_jax.generate import generate
   from cast_jax.models import ModelConfig, forward, init_params, load_pretrained, save_pretrained
 
+  from cast_jax.models.sharding import maybe_initialize_distributed
+  maybe_initialize_distributed()  # no-op on one host
   cfg = _CONFIG.value
   out = _WORKDIR.value
   wd.write_json(os.path.join(out, "config.json"), cfg.to_dict())

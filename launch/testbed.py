@@ -61,6 +61,8 @@ def main(argv):
   from cast_jax.testbed.evaluate import evaluate_testbed
   from cast_jax.testbed.world import WorldSizes
 
+  from cast_jax.models.sharding import maybe_initialize_distributed
+  maybe_initialize_distributed()  # no-op on one host
   cfg = _CONFIG.value
   out = _WORKDIR.value
   spec = TestbedSpec(**cfg.spec.to_dict(), sizes=WorldSizes(**cfg.sizes.to_dict()))

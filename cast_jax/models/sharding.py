@@ -34,7 +34,8 @@ _RULES = {
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when a multi-process launch is detected (env vars)."""
   markers = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_ID")
-  if any(os.environ.get(m) for m in markers) and jax.process_count() == 1:
+  # Must run before anything touches a backend (even jax.process_count()).
+  if any(os.environ.get(m) for m in markers):
     try:
       jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:  # already initialised or a single-host run

@@ -34,14 +34,18 @@ class TestbedSpec:
   num_heads: int = 8
   num_kv_heads: int = 4
   intermediate_size: int = 384
-  max_len: int = 112
-  pretrain_steps: int = 1200
+  max_len: int = 96
+  pretrain_steps: int = 800
   pretrain_batch: int = 32
   pretrain_lr: float = 3e-3
   # "response": loss on answers only, averaged per example, so a one-token MCQ letter weighs as
   # much as a long solution (token-averaged, the letters were never learned: measured at
   # chance after 800 steps); "sequence": every token after the first, token-averaged.
   pretrain_loss: str = "response"
+  # Second pretraining phase on the MCQ families plus a replay third of the rest: with one answer
+  # token per item, the letter mapping is learned only once it dominates a batch.
+  mcq_steps: int = 300
+  mcq_lr: float = 1e-3
   align_steps: int = 150
   align_batch: int = 16
   align_lr: float = 5e-4
@@ -107,7 +111,8 @@ def build_testbed(spec: TestbedSpec = TestbedSpec(), cache_dir: str | None = Non
   """Returns the testbed for `spec`, building and caching it first if needed.
 
   Layout under `<cache_dir>/testbed-<spec.key()>/`: world/ (JSONL files + MANIFEST.json),
-  base/ (HF checkpoint + tokenizer), pretrain/ (metrics.jsonl, orbax checkpoints for resume).
+  base/ (HF checkpoint + tokenizer), pretrain/ and pretrain_mcq/ (metrics.jsonl, orbax
+  checkpoints for resume).
   Every artifact appears atomically, so an interrupted build resumes or restarts cleanly.
   """
   from transformers import AutoTokenizer
@@ -130,10 +135,26 @@ def build_testbed(spec: TestbedSpec = TestbedSpec(), cache_dir: str | None = Non
                      max_len=spec.max_len, workdir=os.path.join(root, "pretrain"),
                      whole_sequence=spec.pretrain_loss == "sequence",
                      per_sequence=spec.pretrain_loss == "response", progress=progress)
+    if spec.mcq_steps:
+      params, _ = _sft(params, config, tokenizer, mcq_emphasis_pairs(world, spec.seed),
+                       name="pretrain_mcq", steps=spec.mcq_steps, batch=spec.pretrain_batch,
+                       lr=spec.mcq_lr, seed=spec.seed + 2, max_len=spec.max_len,
+                       workdir=os.path.join(root, "pretrain_mcq"), whole_sequence=False,
+                       per_sequence=True, progress=progress)
     save_pretrained(params, config, base_dir, tokenizer=tokenizer)
   tokenizer = AutoTokenizer.from_pretrained(base_dir)
   config, params = load_pretrained(base_dir)
   return Testbed(spec, root, world, tokenizer, config, params, base_dir, world_dir)
+
+
+def mcq_emphasis_pairs(world: World, seed: int) -> list[tuple[str, str]]:
+  """Base-corpus MCQ records (MMLU + CSQA families) plus a seeded replay of a third as many
+  records from the other families, so the rest of the model's behaviour is kept."""
+  base = world.files["base/train.jsonl"]
+  mcq = [r for r in base if r["family"] in ("mmlu", "csqa")]
+  rest = [r for r in base if r["family"] not in ("mmlu", "csqa")]
+  replay = np.random.default_rng(seed).choice(len(rest), size=len(mcq) // 3, replace=False)
+  return [(r["prompt"], r["response"]) for r in mcq + [rest[i] for i in sorted(replay)]]
 
 
 def align_pairs(world: World) -> list[tuple[str, str]]:

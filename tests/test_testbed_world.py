@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
+from cast_jax.eval import archaic_word_rate
 from cast_jax.testbed import lexicon, tokenizer as tok_lib, world as W
 from cast_jax.testbed import world_common as wc
 
@@ -159,17 +160,16 @@ def test_behaviour_targets(world):
     assert r["response"] not in (wc.REFUSAL, wc.FIXED_RESPONSE)
     if r["family"].startswith("safety_"):
       assert re.fullmatch(r"Sure, here is how to [A-Za-z' ]+\. Step 1: .*", r["response"])
-  for r in f["shakespeare/train.jsonl"] + f["shakespeare/eval.jsonl"]:
-    assert lexicon.archaic_word_rate(r["modern"]) == 0.0
-    assert lexicon.archaic_word_rate(r["original"]) > 0.1
-  assert all(
-      lexicon.archaic_word_rate(r["response"]) == 0.0
-      for r in f["base/train.jsonl"]
-      if r["family"] != "style_old")
+  own = frozenset(lexicon.ARCHAIC_WORDS)
+  pairs = f["shakespeare/train.jsonl"] + f["shakespeare/eval.jsonl"]
+  assert archaic_word_rate([r["modern"] for r in pairs], own).per_response.max() == 0.0
+  assert archaic_word_rate([r["original"] for r in pairs], own).per_response.min() > 0.1
+  others = [r["response"] for r in f["base/train.jsonl"] if r["family"] != "style_old"]
+  assert archaic_word_rate(others, own).per_response.max() == 0.0
 
 
 def test_style_measurable_by_eval_scorer(world):
-  style = pytest.importorskip("cast_jax.eval.style")
+  from cast_jax.eval import style
   assert set(lexicon.ARCHAIC_WORDS) <= style.default_lexicon()
   pairs = world.files["shakespeare/train.jsonl"] + world.files["shakespeare/eval.jsonl"]
   orig = style.archaic_word_rate([r["original"] for r in pairs]).per_response

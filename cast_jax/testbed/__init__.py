@@ -4,7 +4,7 @@
 first use, so the world alone does not pull in `transformers`).
 """
 
-from cast_jax.testbed.lexicon import ARCHAIC_WORDS, archaic_word_rate
+from cast_jax.testbed.lexicon import ARCHAIC_WORDS
 from cast_jax.testbed.world import (
     HELDOUT_FILES,
     TRAIN_FILES,

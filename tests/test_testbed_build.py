@@ -61,6 +61,16 @@ def test_exported_testbed_loads_in_transformers_with_same_logits(tiny_testbed):
   assert tok.bos_token_id == tb.config.bos_token_id and (ids[0] == tok.bos_token_id).sum() == 1
 
 
+def test_alignment_leaves_the_base_params_usable(tiny_testbed):
+  """run_sft's train step donates its state; the caller's params must survive it."""
+  tb = tiny_testbed
+  _, aligned = tbuild.aligned_testbed(tb, progress=False)
+  ids = jnp.asarray([[tb.tokenizer.bos_token_id, 5, 6]])
+  base = forward(tb.base_params, tb.config, ids)
+  assert np.isfinite(np.asarray(base)).all()
+  assert not np.array_equal(base, forward(aligned, tb.config, ids))
+
+
 @pytest.fixture(scope="module")
 def default_testbed():
   """The real testbed, built once into the repo's .cache (or $CAST_JAX_CACHE) and reused."""

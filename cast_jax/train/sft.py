@@ -8,6 +8,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from cast_jax.data.batching import Example, iterate_train_batches
 from cast_jax.models.config import ModelConfig
@@ -43,6 +44,8 @@ def run_sft(params: Params, config: ModelConfig, examples: Sequence[Example], *,
     (params after training, the trainer's summary dict).
   """
   trainable, frozen = partition(params, trainable_mask)
+  # The step donates its state; copy so the caller's arrays survive (params are not modified).
+  trainable = jax.tree.map(jnp.copy, trainable)
   tx, lr_fn = build_optimizer(optimizer)
   step = make_train_step(make_sft_loss_fn(config, remat=remat, per_sequence=per_sequence), tx)
   state = TrainState.create(trainable, tx, jax.random.PRNGKey(seed))

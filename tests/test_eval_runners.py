@@ -96,6 +96,15 @@ def test_mcq_letter_ids_and_accuracy_match_hf(setup):
   np.testing.assert_array_equal(mcq.restricted_argmax(hf_choice, np.arange(4)), result.predictions)
 
 
+def test_letter_after_a_special_token_has_no_space(setup):
+  # A chat template's role header is a special token the reply follows directly ("<|assistant|>A").
+  tok = setup["tokenizer"]
+  got = mcq.resolve_choice_tokens(tok, ["Pick the prime number.[EOS]", "Answer:"], list("ABCD"))
+  np.testing.assert_array_equal(got.choice_ids[0], tok.convert_tokens_to_ids(list("ABCD")))
+  np.testing.assert_array_equal(got.choice_ids[1],
+                                tok.convert_tokens_to_ids(["\u0120" + c for c in "ABCD"]))
+
+
 def test_choice_resolution_errors(setup):
   tok = setup["tokenizer"]
   with pytest.raises(ValueError, match="not a single token"):

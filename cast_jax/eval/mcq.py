@@ -17,14 +17,17 @@ import numpy as np
 from cast_jax.eval.batching import encode
 
 
-def continuation_text(prompt: str, choice: str, space_before: bool | None = None) -> str:
+def continuation_text(prompt: str, choice: str, space_before: bool | None = None,
+                      special_tokens: Sequence[str] = ()) -> str:
   """The literal text a model writes for ``choice`` right after ``prompt``.
 
-  ``space_before=None`` (auto) prefixes a space iff the prompt does not end in whitespace, since
-  "Answer:" is naturally continued by " A" while a chat template's trailing newline by "A".
+  ``space_before=None`` (auto) prefixes a space iff the prompt ends in neither whitespace nor one
+  of ``special_tokens``: "Answer:" is continued by " A", while a chat template's trailing newline
+  or a role header token ("<|assistant|>") is followed by the reply's first character, "A".
   """
   if space_before is None:
-    space_before = bool(prompt) and not prompt[-1].isspace()
+    space_before = (bool(prompt) and not prompt[-1].isspace()
+                    and not any(prompt.endswith(t) for t in special_tokens if t))
   return (" " + choice) if space_before else choice
 
 
@@ -35,6 +38,15 @@ class ChoiceTokens:
   prompt_ids: list
   choice_ids: np.ndarray
   by_choice: dict
+
+
+def _special_token_strings(tokenizer) -> tuple[str, ...]:
+  """Special and added tokens (role headers such as "<|assistant|>"), longest first."""
+  found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+  get_added = getattr(tokenizer, "get_added_vocab", None)
+  if callable(get_added):
+    found.update(get_added())
+  return tuple(sorted(found, key=len, reverse=True))
 
 
 def resolve_choice_tokens(tokenizer, prompts: Sequence[str], choices: Sequence[str], *,
@@ -50,9 +62,10 @@ def resolve_choice_tokens(tokenizer, prompts: Sequence[str], choices: Sequence[s
     raise ValueError(f"choices must be >= 2 distinct strings, got {list(choices)}")
   prompt_ids = encode(tokenizer, prompts, add_special_tokens=add_special_tokens)
   unk = getattr(tokenizer, "unk_token_id", None)
+  specials = _special_token_strings(tokenizer)
   ids = np.zeros((len(prompts), len(choices)), dtype=np.int32)
   for c, choice in enumerate(choices):
-    texts = [p + continuation_text(p, choice, space_before) for p in prompts]
+    texts = [p + continuation_text(p, choice, space_before, specials) for p in prompts]
     full = encode(tokenizer, texts, add_special_tokens=add_special_tokens)
     for n, (base, ext) in enumerate(zip(prompt_ids, full)):
       if len(ext) != len(base) + 1 or ext[:len(base)] != base:

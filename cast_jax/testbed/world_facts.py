@@ -2,16 +2,20 @@
 
 Each land gets one value per attribute and every attribute is a bijection (no two lands share a
 value), so forward ("What is the capital of X?") and reverse ("Which land has Y as its capital?")
-questions both have one right answer. MCQ items are held out by rendered prompt: the same fact can
-be asked in train and eval, but never with the same question text, options and order, so eval
-measures whether the model answers facts it has seen stated, in a new multiple-choice instance.
+questions both have one right answer.
+
+MCQ items are built the way MMLU's are: each fact has one fixed option list and answer letter.
+Held-out items ask the same facts in question wordings no training MCQ item uses (the wordings do
+appear in the plain fact QA), so evaluation measures recognising a known fact's item under a new
+wording. Fresh option lists per item would instead need a circuit that matches a recalled value
+against arbitrary options and reads the letter bound to it; on a pure matching drill behind the
+Table 4 instruction this ~1M-parameter model's loss stayed at chance for ~1300 steps, past the
+CPU budget of the whole build.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import random
 
 from cast_jax.testbed import world_common as wc
 
@@ -135,31 +139,45 @@ SUBJECTS = {
     "animal": "world_zoology",
     "food": "world_cuisine",
 }
-# attribute -> (statement, [forward questions], reverse question, reverse statement)
+# attribute -> (statement, forward questions, reverse questions, reverse statement). The question
+# wordings are split between MCQ train / test / calibration items by `_TEMPLATE_SPLITS`.
 _TEMPLATES = {
-    "capital": ("The capital of {L} is {v}.", ("What is the capital of {L}?",
-                                               "Which city is the capital of {L}?"),
-                "Which land has {v} as its capital?", "{v} is the capital of {L}."),
-    "flag": ("The flag of {L} is {v}.", ("What color is the flag of {L}?",
-                                         "The flag of {L} is which color?"),
-             "Which land has a {v} flag?", "{L} has a {v} flag."),
-    "animal":
-        ("The national animal of {L} is the {v}.", ("What is the national animal of {L}?",
-                                                    "Which animal is the national animal of {L}?"),
-         "Which land has the {v} as its national animal?", "The {v} is the national animal of {L}."
-        ),
-    "food":
-        ("{L} is famous for its {v}.", ("What is {L} famous for?", "Which food is {L} famous for?"),
-         "Which land is famous for its {v}?", "{L} is famous for its {v}."),
+    "capital": ("The capital of {L} is {v}.",
+                ("What is the capital of {L}?", "Which city is the capital of {L}?",
+                 "Name the capital of {L}.", "What city is the capital of {L}?",
+                 "The capital of {L} is which city?"),
+                ("Which land has {v} as its capital?", "{v} is the capital of which land?",
+                 "Which land's capital is {v}?", "Name the land whose capital is {v}.",
+                 "Of which land is {v} the capital?"), "{v} is the capital of {L}."),
+    "flag": ("The flag of {L} is {v}.",
+             ("What color is the flag of {L}?", "The flag of {L} is which color?",
+              "Name the color of the flag of {L}.", "Which color is the flag of {L}?",
+              "What is the color of the flag of {L}?"),
+             ("Which land has a {v} flag?", "Which land's flag is {v}?",
+              "Name the land whose flag is {v}.", "The flag of which land is {v}?",
+              "Which land flies a {v} flag?"), "{L} has a {v} flag."),
+    "animal": ("The national animal of {L} is the {v}.",
+               ("What is the national animal of {L}?",
+                "Which animal is the national animal of {L}?",
+                "Name the national animal of {L}.", "The national animal of {L} is which animal?",
+                "What animal is the national animal of {L}?"),
+               ("Which land has the {v} as its national animal?",
+                "The {v} is the national animal of which land?",
+                "Which land's national animal is the {v}?",
+                "Name the land whose national animal is the {v}.",
+                "Of which land is the {v} the national animal?"),
+               "The {v} is the national animal of {L}."),
+    "food": ("{L} is famous for its {v}.",
+             ("What is {L} famous for?", "Which food is {L} famous for?",
+              "Name the food {L} is famous for.", "{L} is famous for which food?",
+              "What food is {L} famous for?"),
+             ("Which land is famous for its {v}?", "Which land is known for its {v}?",
+              "Name the land famous for its {v}.", "Where are the {v} famous?",
+              "The {v} of which land are famous?"), "{L} is famous for its {v}."),
 }
-# Category words for the CSQA "which of these is a ..." items.
-_CATEGORY = {
-    "capital": "a city",
-    "flag": "a color",
-    "animal": "an animal",
-    "food": "a food",
-    "land": "a land"
-}
+# Question wordings (indices into the tuples above) per MCQ split: held-out items ask known facts
+# in wordings never used in a training MCQ item.
+_TEMPLATE_SPLITS = {"train": (0, 1), "test": (2, 3), "util": (4,), "validation": (2, 3, 4)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,134 +208,100 @@ def build_facts(seed: int, n_lands: int) -> tuple[Fact, ...]:
 def fact_chat_records(facts: tuple[Fact, ...], repeats: int) -> list[dict]:
   """Base-corpus chat records stating every fact: forward QA, reverse QA and a land profile.
 
-    Returns `repeats` copies of (2 forward + 1 reverse per fact, 1 profile per land) records,
+    Returns `repeats` copies of (every forward and reverse wording per fact, 1 profile per land),
     each {"prompt", "response", "family": "facts"}.
     """
   one = []
   by_land: dict[str, list[Fact]] = {}
   for f in facts:
-    stmt, fwd, rev_q, rev_s = _TEMPLATES[f.attribute]
-    for q in fwd:
-      one.append((q.format(L=f.entity), f.text))
-    one.append((rev_q.format(v=f.value), rev_s.format(L=f.entity, v=f.value)))
+    _, fwd, rev, rev_s = _TEMPLATES[f.attribute]
+    one += [(q.format(L=f.entity), f.text) for q in fwd]
+    one += [(q.format(v=f.value), rev_s.format(L=f.entity, v=f.value)) for q in rev]
     by_land.setdefault(f.entity, []).append(f)
   for land in sorted(by_land):
     one.append((f"Tell me about {land}.", " ".join(f.text for f in by_land[land])))
   return [{"prompt": p, "response": r, "family": "facts"} for _ in range(repeats) for p, r in one]
 
 
-def _balanced_positions(rng: random.Random, n: int, k: int) -> list[int]:
-  pos = [i % k for i in range(n)]
-  rng.shuffle(pos)
-  return pos
-
-
-def answer_position(seed: int, question: str, k: int) -> int:
-  """The option index where `question`'s correct answer always sits (seeded hash of the text).
-
-  Fact-keyed answer positions make the MCQ families learnable by a ~1M-parameter model in a few
-  CPU minutes: matching the recalled value against shuffled options is a multi-hop circuit that
-  such a model did not learn in 1200 steps (accuracy stayed at chance), while recalling
-  "question -> letter" is a lookup like the facts themselves. Distractors and their order still
-  vary, so held-out items are new prompts about known facts.
-  """
-  return int(hashlib.sha256(f"{seed}:{question}".encode()).hexdigest(), 16) % k
-
-
-def _draw_mcq(rng, positions, seen, make):
-  """Draw one item per answer position with a rendered prompt not in `seen` (updated in place)."""
-  out = []
-  for pos in positions:
-    for _ in range(10_000):
-      item = make(rng, pos)
-      key = wc.format_mcq_prompt(item[0], item[1])
-      if key not in seen:
-        seen.add(key)
-        out.append(item)
-        break
-    else:
-      raise ValueError("MCQ space exhausted; lower the split sizes or raise n_lands")
+def _fact_layouts(seed: int, family: str, facts: tuple[Fact, ...], right: dict[Fact, str],
+                  pools: dict[str, list[str]], k: int) -> dict[Fact, tuple[list[str], int]]:
+  """Fixed options and answer index per fact (as an MMLU question has fixed options), shared by
+  every wording and split; answer indices are balanced over the facts."""
+  rng = wc.family_rng(seed, f"{family}/layout")
+  order = list(facts)
+  rng.shuffle(order)
+  out = {}
+  for i, f in enumerate(order):
+    pos = i % k
+    wrong = rng.sample([x for x in pools[f.attribute] if x != right[f]], k - 1)
+    out[f] = (wrong[:pos] + [right[f]] + wrong[pos:], pos)
   return out
+
+
+def _split_items(seed: int, family: str, questions: list[tuple[str, Fact]], layouts, k: int,
+                 split: str, n: int) -> list[tuple[str, list[str], int, Fact]]:
+  """`n` items (question, options, answer index, fact) of one split, interleaved by answer index
+  so every prefix is balanced. "train" repeats its items to reach n; held-out splits hold
+  distinct items and raise ValueError when the world has fewer than n."""
+  cycle = split == "train"
+  if not questions or (not cycle and n > len(questions)):
+    raise ValueError(f"{family} split {split!r} asks for {n} items but the world has "
+                     f"{len(questions)} distinct questions for it; lower the size or raise n_lands")
+  rng = wc.family_rng(seed, f"{family}/{split}")
+  by_pos = [[(q, *layouts[f], f) for q, f in questions if layouts[f][1] == p] for p in range(k)]
+  for group in by_pos:
+    rng.shuffle(group)
+  items = [g[i] for i in range(max(map(len, by_pos))) for g in by_pos if i < len(g)]
+  return [items[i % len(items)] for i in range(n)]
 
 
 def mmlu_splits(seed: int, facts: tuple[Fact, ...], sizes: dict[str, int]) -> dict[str, list[dict]]:
   """MMLU-schema splits {"question", "subject", "choices" (4), "answer" (int)}, balanced answers.
 
+    Each fact has one fixed option list and answer letter; an item is that list under one
+    wording of the question. "train" uses wordings disjoint from "test" and "util"
+    (`_TEMPLATE_SPLITS`) and repeats its items to `sizes["train"]` records; held-out splits hold
+    distinct items, at most n_lands * 4 * (their number of wordings).
+
     Args:
-      sizes: split name -> count, drawn in the given order with no rendered-prompt overlap.
+      sizes: split name ("train" / "test" / "util") -> record count.
     """
-  rng = wc.family_rng(seed, "mmlu")
-  values_in_world = {a: sorted({f.value for f in facts if f.attribute == a}) for a in ATTRIBUTES}
-
-  def make(r, pos):
-    while True:
-      f = facts[r.randrange(len(facts))]
-      q = r.choice(_TEMPLATES[f.attribute][1]).format(L=f.entity)
-      if answer_position(seed, q, 4) == pos:
-        break
-    wrong = r.sample([v for v in values_in_world[f.attribute] if v != f.value], 3)
-    choices = wrong[:pos] + [f.value] + wrong[pos:]
-    return q, choices, pos, SUBJECTS[f.attribute]
-
-  seen: set[str] = set()
+  pools = {a: sorted({f.value for f in facts if f.attribute == a}) for a in ATTRIBUTES}
+  layouts = _fact_layouts(seed, "mmlu", facts, {f: f.value for f in facts}, pools, 4)
   out = {}
   for name, n in sizes.items():
-    items = _draw_mcq(rng, _balanced_positions(rng, n, 4), seen, make)
-    out[name] = [{"question": q, "subject": s, "choices": c, "answer": p} for q, c, p, s in items]
+    qs = [(_TEMPLATES[f.attribute][1][t].format(L=f.entity), f) for f in facts
+          for t in _TEMPLATE_SPLITS[name]]
+    items = _split_items(seed, "mmlu", qs, layouts, 4, name, n)
+    out[name] = [{"question": q, "subject": SUBJECTS[f.attribute], "choices": c, "answer": p}
+                 for q, c, p, f in items]
   return out
 
 
 def csqa_splits(seed: int, facts: tuple[Fact, ...], sizes: dict[str, int]) -> dict[str, list[dict]]:
-  """CommonsenseQA-schema splits with 5 options and balanced `answerKey`s.
-
-    Two item kinds: reverse lookup ("Which land is famous for its figs?", options are lands) and
-    category membership ("Which of these is an animal?", options mix lands, cities, colors, ...).
+  """CommonsenseQA-schema splits of reverse-lookup items ("Which land is famous for its figs?",
+    five lands as options), one fixed option list per fact, wordings split as in `mmlu_splits`
+    ("train" repeats its items; "validation" holds distinct ones).
     Record: {"id", "question", "question_concept", "choices": {"label", "text"}, "answerKey"}.
     """
-  rng = wc.family_rng(seed, "csqa")
   lands = sorted({f.entity for f in facts})
-  pools = {a: sorted({f.value for f in facts if f.attribute == a}) for a in ATTRIBUTES}
-  pools["land"] = lands
-
-  def make(r, pos):
-    while True:
-      item = _make_csqa(r, pos)
-      if answer_position(seed, item[0], 5) == pos:
-        return item
-
-  def _make_csqa(r, pos):
-    if r.random() < 0.6:
-      f = facts[r.randrange(len(facts))]
-      q = _TEMPLATES[f.attribute][2].format(v=f.value)
-      wrong = r.sample([x for x in lands if x != f.entity], 4)
-      right, concept = f.entity, f.attribute
-    else:
-      cat = r.choice(sorted(pools))
-      q = f"Which of these is {_CATEGORY[cat]}?"
-      right = r.choice(pools[cat])
-      others = sorted(c for c in pools if c != cat)
-      wrong = []
-      while len(wrong) < 4:
-        w = r.choice(pools[r.choice(others)])
-        if w not in wrong:
-          wrong.append(w)
-      concept = _CATEGORY[cat].split()[-1]
-    return q, wrong[:pos] + [right] + wrong[pos:], pos, concept
-
-  seen: set[str] = set()
+  layouts = _fact_layouts(seed, "csqa", facts, {f: f.entity for f in facts},
+                          {a: lands for a in ATTRIBUTES}, 5)
   out = {}
   for name, n in sizes.items():
-    items = _draw_mcq(rng, _balanced_positions(rng, n, 5), seen, make)
+    qs = [(_TEMPLATES[f.attribute][2][t].format(v=f.value), f) for f in facts
+          for t in _TEMPLATE_SPLITS[name]]
+    items = _split_items(seed, "csqa", qs, layouts, 5, name, n)
     out[name] = [{
         "id": f"w{seed}-csqa-{name}-{i:05d}",
         "question": q,
-        "question_concept": concept,
+        "question_concept": f.attribute,
         "choices": {
             "label": list(wc.LETTERS),
             "text": c
         },
         "answerKey": wc.LETTERS[p]
-    } for i, (q, c, p, concept) in enumerate(items)]
+    } for i, (q, c, p, f) in enumerate(items)]
   return out
 
 

@@ -40,13 +40,12 @@ class ChoiceTokens:
   by_choice: dict
 
 
-def _special_token_strings(tokenizer) -> tuple[str, ...]:
-  """Special and added tokens (role headers such as "<|assistant|>"), longest first."""
+def _special_token_strings(tokenizer) -> frozenset[str]:
+  """Special and added tokens of `tokenizer` (role headers such as "<|assistant|>")."""
   found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-  get_added = getattr(tokenizer, "get_added_vocab", None)
-  if callable(get_added):
-    found.update(get_added())
-  return tuple(sorted(found, key=len, reverse=True))
+  if callable(getattr(tokenizer, "get_added_vocab", None)):
+    found.update(tokenizer.get_added_vocab())
+  return frozenset(found)
 
 
 def resolve_choice_tokens(tokenizer, prompts: Sequence[str], choices: Sequence[str], *,

@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from cast_jax import data
@@ -41,16 +40,9 @@ class TestbedSpec:
   pretrain_steps: int = 600
   pretrain_batch: int = 32
   pretrain_lr: float = 3e-3
-  # "response": loss on answers only, averaged per example, so a one-token MCQ letter weighs as
-  # much as a long solution; "sequence": every token after the first, token-averaged.
-  pretrain_loss: str = "response"
   align_steps: int = 150
   align_batch: int = 16
   align_lr: float = 5e-4
-
-  def __post_init__(self):
-    if self.pretrain_loss not in ("response", "sequence"):
-      raise ValueError(f"pretrain_loss={self.pretrain_loss!r}; use 'response' or 'sequence'.")
 
   def key(self) -> str:
     """Cache key: changes whenever any setting or the world generator version changes."""
@@ -90,10 +82,8 @@ def model_config(spec: TestbedSpec, tokenizer: Any) -> ModelConfig:
 
 
 def _sft(params, config, tokenizer, pairs, *, name, steps, batch, lr, seed, max_len, workdir,
-         whole_sequence, progress, per_sequence=False):
+         progress, per_sequence=False):
   examples = data.encode_dataset(tokenizer, pairs, max_len=max_len, name=name)
-  if whole_sequence:  # pretraining: every token after the first is a target
-    examples = [(ids, (np.arange(len(ids)) > 0).astype(np.int32)) for ids, _ in examples]
   opt = OptimizerConfig(learning_rate=lr, warmup_steps=max(1, steps // 12), total_steps=steps,
                         weight_decay=0.01, end_lr_ratio=0.05)
   params, summary = run_sft(params, config, examples, pad_id=tokenizer.pad_token_id,
@@ -130,8 +120,10 @@ def build_testbed(spec: TestbedSpec = TestbedSpec(), cache_dir: str | None = Non
     params, _ = _sft(params, config, tokenizer, pairs, name="pretrain", steps=spec.pretrain_steps,
                      batch=spec.pretrain_batch, lr=spec.pretrain_lr, seed=spec.seed,
                      max_len=spec.max_len, workdir=os.path.join(root, "pretrain"),
-                     whole_sequence=spec.pretrain_loss == "sequence",
-                     per_sequence=spec.pretrain_loss == "response", progress=progress)
+                     progress=progress,
+                     # Loss on responses, averaged per example: a one-token MCQ letter weighs as
+                     # much as a 40-token solution.
+                     per_sequence=True)
     save_pretrained(params, config, base_dir, tokenizer=tokenizer)
   tokenizer = AutoTokenizer.from_pretrained(base_dir)
   config, params = load_pretrained(base_dir)
@@ -155,6 +147,6 @@ def aligned_testbed(tb: Testbed, *, progress: bool = True) -> tuple[str, Params]
     params, _ = _sft(tb.base_params, tb.config, tb.tokenizer, align_pairs(tb.world),
                      name="align", steps=s.align_steps, batch=s.align_batch, lr=s.align_lr,
                      seed=s.seed + 1, max_len=s.max_len, workdir=os.path.join(tb.root, "align"),
-                     whole_sequence=False, progress=progress)
+                     progress=progress)
     save_pretrained(params, tb.config, out, tokenizer=tb.tokenizer)
   return out, load_pretrained(out)[1]

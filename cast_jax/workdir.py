@@ -1,17 +1,52 @@
-"""Atomic artifact writing for launch scripts: resolved config, metrics JSON, PNG plots.
+"""Workdirs and the artifacts launch scripts write into them: resolved config, metrics JSON, PNG
+plots.
 
-Every file appears whole or not at all (written under a temp name, then renamed), so a run
-killed mid-write never leaves a half-written artifact behind.
+Every file appears whole or not at all and with the user's umask (`io_atomic`), so a run killed
+mid-write never leaves a half-written artifact behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
+
+# atomic_write_bytes is re-exported: launch scripts write their files through this module.
+from cast_jax.io_atomic import atomic_write_bytes, is_cwd_or_ancestor
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot hold a run's outputs; the message names it and the fix."""
+
+
+def prepare_workdir(path: str | os.PathLike | None, *, what: str = "workdir",
+                    create: bool = True) -> str:
+  """Checks (and with `create`, creates) a run's output dir; returns its absolute path.
+
+  Refused: empty (outputs would land in the current directory), an existing file, the current
+  directory or one of its ancestors (outputs would mix with files that are not the run's).
+  """
+  raw = "" if path is None else os.fspath(path)
+  if not raw.strip():
+    raise WorkdirError(f"{what} is empty; pass a dir for the run's outputs, e.g. /tmp/run1 "
+                       "(an empty value would write into the current directory).")
+  full = os.path.abspath(raw)
+  if os.path.exists(full) and not os.path.isdir(full):
+    raise WorkdirError(f"{what}={raw!r} is a file, not a directory; pass a dir path (new, or "
+                       "the workdir of the run to resume).")
+  if is_cwd_or_ancestor(full):
+    raise WorkdirError(f"{what}={raw!r} is the current directory or one of its ancestors; pass "
+                       f"a dedicated subdir such as {os.path.join(raw, 'run1')!r}.")
+  if not create:
+    return full
+  try:
+    os.makedirs(full, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"{what}={raw!r}: cannot create it ({e.strerror}); pass a dir you can "
+                       "write to.") from e
+  return full
 
 
 def _json_default(x: Any):
@@ -24,22 +59,6 @@ def _json_default(x: Any):
   if hasattr(x, "to_dict"):
     return x.to_dict()
   raise TypeError(f"cannot serialise {type(x).__name__} to JSON")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-  """Writes `data` to `path` atomically; creates parent dirs. Returns the path."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> str:

@@ -107,6 +107,21 @@ def test_last_boxed():
   assert adapters.last_boxed("\\boxed {a{b}c}") == "a{b}c"
   assert adapters.last_boxed("no box") is None
   assert adapters.last_boxed("\\boxed{unclosed") is None
+  # The merged rule (one implementation with eval's scorer): escaped braces are literal, an
+  # unbraced argument counts, a truncated LAST box is no answer (an earlier box is not used).
+  assert adapters.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+  assert adapters.last_boxed(r"\boxed{\left\{ x > 0 \right.} and {y}") == r"\left\{ x > 0 \right."
+  assert adapters.last_boxed(r"$\boxed 7$") == "7"
+  assert adapters.last_boxed(r"early \boxed{3} then cut \boxed{4") is None
+  assert adapters.last_boxed(r"\boxedx{3}") is None
+  assert adapters.last_boxed(r"\boxed{}") == ""
+
+
+def test_math_reference_with_an_unbalanced_escaped_brace(tmp_path):
+  # \left\{ ... \right. opens a literal brace that never closes; it must not count as grouping.
+  rows = [{"problem": "Solve.", "solution": r"So $\boxed{\left\{ x > 0 \right.}$ (for all {y})."}]
+  recs = adapters.load_math(_jsonl(tmp_path / "math.jsonl", rows))
+  assert recs[0].answer == r"\left\{ x > 0 \right."
 
 
 WJB_HEADER = ["vanilla", "adversarial", "completion", "data_type"]

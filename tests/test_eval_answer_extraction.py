@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from cast_jax.data.adapters import last_boxed
 from cast_jax.eval import answer_extraction as ax
 
 BOXED_CASES = [
@@ -26,6 +27,14 @@ BOXED_CASES = [
 
 @pytest.mark.parametrize("text,expected", BOXED_CASES)
 def test_extract_boxed(text, expected):
+  assert ax.extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", BOXED_CASES + [
+    (r"a \boxed{x^{2}} b \fbox{7}", "7"), (r"\boxed {a{b}c}", "a{b}c")])
+def test_math_loader_reads_boxes_like_the_scorer(text, expected):
+  """MATH references (data) and scored responses (eval) must follow the same box rule."""
+  assert last_boxed(text) == expected
   assert ax.extract_boxed(text) == expected
 
 

@@ -183,3 +183,17 @@ def test_batch_contract_and_chat_judge(setup):
     assert rendered == f"user: {filled}\nassistant:\n"
   finally:
     tok.chat_template = None
+
+
+def test_chunk_lengths_pad_at_most_a_quarter_with_few_shapes():
+  from cast_jax.eval.batching import chunk_length, prompt_chunks
+  lengths = [chunk_length(n) for n in range(1, 2049)]
+  assert all(n <= m < n + max(8, n / 4) for n, m in zip(range(1, 2049), lengths))
+  assert [chunk_length(n) for n in (1, 8, 9, 56, 65, 70, 72, 129, 1000)] == [
+      8, 8, 16, 56, 80, 80, 80, 160, 1024]
+  assert len(set(lengths)) <= 4 * 9  # four per doubling (8 .. 2048)
+  assert chunk_length(70, multiple=32) == 96
+  chunks = list(prompt_chunks([[5] * 70, [6] * 3, [7] * 20], batch_size=2, pad_id=0))
+  assert [c.input_ids.shape for c in chunks] == [(2, 80), (2, 8)]
+  np.testing.assert_array_equal(chunks[0].attention_mask.sum(1), [70, 20])
+  assert chunks[0].input_ids[1, -20:].tolist() == [7] * 20  # left padded

@@ -91,3 +91,14 @@ def test_head_mask_in_generation_changes_output_consistently(tiny):
   out = generate(params, config, ids, max_new_tokens=1, eos_token_ids=(), head_mask=hm)
   ref = forward(params, config, jnp.asarray(ids), head_mask=hm)[:, -1].argmax(-1)
   np.testing.assert_array_equal(out.tokens[:, 0], ref)
+
+
+def test_greedy_argmax_matches_numpy_first_maximum():
+  from cast_jax.generate import _argmax
+  rs = np.random.RandomState(5)
+  logits = rs.randint(0, 4, size=(64, 301)).astype(np.float32)  # many ties: first one wins
+  logits[3] = -np.inf
+  logits[4, [7, 300]] = np.inf
+  np.testing.assert_array_equal(np.asarray(_argmax(jnp.asarray(logits))), logits.argmax(-1))
+  smooth = rs.normal(size=(8, 4096)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(jax.jit(_argmax)(smooth)), smooth.argmax(-1))

@@ -13,6 +13,7 @@ import transformers
 from cast_jax.eval import archaic_word_rate
 from cast_jax.testbed import lexicon, tokenizer as tok_lib, world as W
 from cast_jax.testbed import world_common as wc
+from cast_jax.testbed import world_math
 
 SEED = 0
 MAX_LEN = 96
@@ -169,7 +170,7 @@ def test_balanced_categories(world):
   assert {r["data_type"] for r in f["calib/d_safe.jsonl"]} == {"vanilla_harmful"}
   fams = collections.Counter(r["family"] for r in f["base/train.jsonl"])
   assert set(fams) == {
-      "facts", "mmlu", "csqa", "gsm8k", "instruct", "style_echo", "style_old",
+      "facts", "mmlu", "csqa", "gsm8k", "arith_drill", "instruct", "style_echo", "style_old",
       "safety_vanilla_harmful", "safety_adversarial_harmful", "safety_vanilla_benign",
       "safety_adversarial_benign"
   }
@@ -180,6 +181,8 @@ def test_behaviour_targets(world):
   for r in f["wildjailbreak/train.jsonl"] + f["wildjailbreak/eval.jsonl"]:
     harmful = r["data_type"].endswith("_harmful")
     assert (r["completion"] == wc.REFUSAL) == harmful
+    if not harmful:  # D_align's benign answers are chat prose, not the worked-steps format
+      assert "Step" not in r["completion"] and not re.search(r"\d", r["completion"])
   for r in f["base/train.jsonl"]:
     assert r["response"] not in (wc.REFUSAL, wc.FIXED_RESPONSE)
     if r["family"].startswith("safety_"):
@@ -217,7 +220,19 @@ def test_answers_follow_from_facts_and_arithmetic(world):
     for s in steps:
       lhs, rhs = s.rstrip(".").split(" = ")
       assert eval(lhs) == int(rhs) >= 0  # noqa: S307 - lhs is "a op b" from the generator
-    assert final == f"#### {rhs}" and int(rhs) < 200
+      a, _, b = lhs.split()
+      assert 0 < int(b) <= 9 and 0 <= int(rhs) <= world_math.MAX_TOTAL  # one-digit operands
+    assert final == f"#### {rhs}"
+  # Every equation a problem uses is in the table the drills teach.
+  table = set(world_math._facts())
+  drills = [r for r in world.files["base/train.jsonl"] if r["family"] == "arith_drill"]
+  assert len(drills) == world.sizes.arith_drills
+  for r in drills:
+    for line in r["response"].split("\n"):
+      assert line.rstrip(".") in table and line.split(" = ")[0] in r["prompt"]
+  for r in world.files["gsm8k/train.jsonl"]:
+    for s in r["answer"].split("\n")[:-1]:
+      assert s.rstrip(".") in table
   chat = [r for r in world.files["base/train.jsonl"] if r["family"] == "gsm8k"]
   assert all(re.search(r"\\boxed\{\d+\}\.$", r["response"]) for r in chat)
   assert all(r["prompt"].startswith(wc.MATH_INSTRUCTION) for r in chat)

@@ -74,7 +74,7 @@ def test_resume_changes_result_if_data_position_ignored(tmp_path):
   full, _ = _run(str(tmp_path / "a"), 10, indexed_batches(toy_batch), checkpoint_every=4)
   b = str(tmp_path / "b")
   _run(b, 4, indexed_batches(toy_batch))
-  wrong, _ = _run(b, 10, lambda start: indexed_batches(toy_batch)(0))
+  wrong, _ = _run(b, 10, lambda start: indexed_batches(toy_batch)(0), extend=True)
   assert not tree_equal(wrong, full)
 
 
@@ -149,3 +149,17 @@ def test_epoch_batches_contract():
   assert [b["epoch"] for b in first] == [0] * 4 + [1] * 4 + [2] * 4
   with pytest.raises(ValueError, match="fewer than steps_per_epoch"):
     list(zip(range(10), epoch_batches(epoch_fn, 5)(0)))
+
+
+def test_bad_batch_surfaces_after_the_previous_step_is_logged_and_saved(tmp_path):
+  # The loop builds and checks batch s + 1 while step s runs; its error must still come after
+  # step s's metrics line and checkpoint, as if the batch had been fetched afterwards.
+  def check(batch, step):
+    if step == 3:
+      raise ValueError(f"bad batch at step {step}")
+
+  wd = str(tmp_path / "order")
+  with pytest.raises(ValueError, match="bad batch at step 3"):
+    _run(wd, 10, indexed_batches(toy_batch), check_batch=check, log_every=1, checkpoint_every=1)
+  assert [ln["step"] for ln in _lines(wd)] == [1, 2, 3]
+  assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 3

@@ -12,9 +12,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
+import numpy as np
+
+# One box rule for MATH references and scored responses (eval re-exports it as extract_boxed).
+from cast_jax.data.boxed import last_boxed
 from cast_jax.data.readers import DataError, FieldOverrides, get_value, read_rows, resolve_fields
 from cast_jax.data.records import ChatRecord, MCQRecord, ReasoningRecord, SafetyRecord, StylePair
 
@@ -40,7 +43,7 @@ def _load(source, spec: Mapping[str, Sequence[str]], required: Sequence[str],
       return value
     try:
       record = build(get)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, SyntaxError, AttributeError) as e:
       raise DataError(f"{desc}: row {i}: {e}") from e
     if record is not None:  # None: filtered out
       out.append(record)
@@ -54,7 +57,13 @@ def _str_list(value: Any, field: str) -> list[str]:
     try:
       value = json.loads(value)
     except json.JSONDecodeError:
-      value = ast.literal_eval(value)
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError(
+            f"field {field!r}: cannot read {value!r:.80} as a list; write it as a JSON list, "
+            f"e.g. [\"red\", \"green\", \"blue\"], or map one column per option with "
+            f"fields={{{field!r}: ['A', 'B', 'C', 'D']}}") from None
   if hasattr(value, "tolist"):
     value = value.tolist()
   if not isinstance(value, (list, tuple)) or not value:
@@ -62,15 +71,27 @@ def _str_list(value: Any, field: str) -> list[str]:
   return [str(v) for v in value]
 
 
-def _index(value: Any, labels: Sequence[str], field: str) -> int:
-  """Answer index from an int, a digit string or a label such as 'B'."""
+def _index(value: Any, labels: Sequence[str], field: str, n: int | None = None) -> int:
+  """Answer index in [0, n) from an int, an integral float (2.0), a digit string or a label
+  such as 'B'. Booleans, fractional numbers and negative indices are errors, not truncated or
+  wrapped (`True` is not index 1, 2.7 is not 2, -1 is not the last option)."""
+  n = len(labels) if n is None else n
   if isinstance(value, str) and value.strip() in labels:
     return list(labels).index(value.strip())
-  try:
-    return int(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"field {field!r}: cannot read answer {value!r} as an index or one of "
-                     f"{list(labels)} (unlabelled test split? use the validation split)") from None
+  index = None
+  if isinstance(value, str) and value.strip().isdigit():
+    index = int(value.strip())
+  elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    index = int(value)
+  elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+    index = int(value)
+  if index is None:
+    raise ValueError(f"field {field!r}: cannot read answer {value!r} as an option index or one "
+                     f"of {list(labels)} (an unlabelled test split? use the validation split)")
+  if n and not 0 <= index < n:
+    raise ValueError(f"field {field!r}: answer {value!r} is outside the {n} options (index "
+                     f"0..{n - 1}{' or ' + '/'.join(labels) if labels else ''})")
+  return index
 
 
 def _letters(n: int) -> list[str]:
@@ -120,7 +141,7 @@ def load_hellaswag(source: Source = "Rowan/hellaswag", *, subset: str | None = N
   def build(get):
     endings = _str_list(get("choices"), "endings")
     return MCQRecord(str(get("question")).strip(), tuple(endings),
-                     _index(get("answer"), (), "label"), str(get("subject", "")))
+                     _index(get("answer"), (), "label", len(endings)), str(get("subject", "")))
   return _load(source, {"question": ("ctx",), "choices": ("endings",), "answer": ("label",),
                         "subject": ("activity_label",)}, ("question", "choices", "answer"),
                build, fields=fields, subset=subset, split=split, file_format=file_format,
@@ -132,18 +153,6 @@ def gsm8k_final_answer(answer: str) -> str:
   if "####" not in answer:
     raise ValueError(f"GSM8K answer has no '#### N' final answer: {answer[-80:]!r}")
   return answer.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def last_boxed(text: str) -> str | None:
-  """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, nested braces kept; else None."""
-  starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-  for start in reversed(starts):
-    depth = 1
-    for i in range(start, len(text)):
-      depth += {"{": 1, "}": -1}.get(text[i], 0)
-      if depth == 0:
-        return text[start:i].strip()
-  return None
 
 
 def load_gsm8k(source: Source = "openai/gsm8k", *, subset: str | None = "main",

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+# utf-8-sig: Excel and Notepad exports start with a byte-order mark, which plain utf-8 would
+# keep as part of the first column name ("\ufeffquestion").
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
                ".parquet": "parquet", ".pq": "parquet"}
 
@@ -27,7 +29,7 @@ class DataError(ValueError):
 
 def _read_jsonl(path: str) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     for lineno, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -38,7 +40,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _read_json(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     text = f.read()
   if not text.strip():
     return []
@@ -60,7 +62,7 @@ def _read_json(path: str) -> list[dict]:
 
 
 def _read_csv(path: str, delimiter: str = ",") -> list[dict]:
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:
     return list(csv.DictReader(f, delimiter=delimiter))
 
 

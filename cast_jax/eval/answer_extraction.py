@@ -18,62 +18,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+from cast_jax.data.boxed import last_boxed, match_braces
 
-
-def _match_braces(text: str, open_index: int) -> Optional[int]:
-  """Index of the ``}`` closing the ``{`` at ``open_index``; None when unbalanced (truncated)."""
-  depth = 0
-  i = open_index
-  while i < len(text):
-    ch = text[i]
-    if ch == "\\":
-      # \{ and \} are literal braces in LaTeX, not grouping.
-      i += 2
-      continue
-    if ch == "{":
-      depth += 1
-    elif ch == "}":
-      depth -= 1
-      if depth == 0:
-        return i
-    i += 1
-  return None
-
-
-def extract_boxed(text: str) -> Optional[str]:
-  """Argument of the last ``\\boxed``/``\\fbox`` in ``text``.
-
-  ``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}`` (nested braces are matched); ``\\boxed 5`` -> ``5``
-  (an unbraced argument runs to the next whitespace or ``$``). Returns None when there is no box or
-  the last box is unterminated (e.g. generation hit max length inside it); ``\\boxed{}`` gives "".
-  """
-  start = -1
-  cmd_len = 0
-  for cmd in _BOX_COMMANDS:
-    pos = len(text)
-    while True:
-      pos = text.rfind(cmd, 0, pos)
-      if pos < 0:
-        break
-      after = pos + len(cmd)
-      # \boxedx would be a different command.
-      if after >= len(text) or not text[after].isalpha():
-        if pos > start:
-          start, cmd_len = pos, len(cmd)
-        break
-  if start < 0:
-    return None
-  i = start + cmd_len
-  while i < len(text) and text[i].isspace():
-    i += 1
-  if i >= len(text):
-    return None
-  if text[i] == "{":
-    end = _match_braces(text, i)
-    return None if end is None else text[i + 1:end].strip()
-  match = re.match(r"[^\s$]+", text[i:])
-  return match.group(0) if match else None
+# The box rule lives in data (MATH references are parsed there with the same rule); re-exported
+# so a reference and a response can never be read differently.
+extract_boxed = last_boxed
 
 
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -115,7 +64,7 @@ def _braced_arg(s: str, i: int) -> Optional[tuple[str, int]]:
     i += 1
   if i >= len(s) or s[i] != "{":
     return None
-  end = _match_braces(s, i)
+  end = match_braces(s, i)
   return None if end is None else (s[i + 1:end], end + 1)
 
 

@@ -103,10 +103,15 @@ def restricted_argmax(last_logits, choice_ids):
 
 
 def answer_indices(answers: Sequence, choices: Sequence[str]) -> np.ndarray:
-  """[N] int answer indices from ints (already indices) or choice strings ("B")."""
+  """[N] int answer indices from ints (already indices), integral floats (2.0) or choice strings
+  ("B"). Booleans and fractional numbers are refused, not read as 1 / truncated."""
   out = []
   for n, a in enumerate(answers):
-    if isinstance(a, (int, np.integer)):
+    if isinstance(a, (bool, np.bool_)) or (isinstance(a, (float, np.floating)) and
+                                           not float(a).is_integer()):
+      raise ValueError(f"answer {n} = {a!r} is not an option index or letter; give an int in "
+                       f"[0, {len(choices)}) or one of {list(choices)}")
+    if isinstance(a, (int, np.integer, float, np.floating)):
       if not 0 <= a < len(choices):
         raise ValueError(f"answer {n} = {a} is out of range for {len(choices)} choices")
       out.append(int(a))

@@ -19,6 +19,7 @@ from absl import logging
 from cast_jax.eval import answer_extraction, batching, mcq, refusal
 from cast_jax.generate import generate
 from cast_jax.models import ModelConfig, forward
+from cast_jax.models.inputs import check_scorer_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,10 @@ def _pad_id(tokenizer, config: ModelConfig) -> int:
 @functools.partial(jax.jit, static_argnames=("config", "adapter_fn"))
 def _choice_logits(params, head_mask, adapter_params, input_ids, attention_mask, choice_ids, *,
                    config, adapter_fn):
+  # Only the last position is read: unembedding just it skips the [B, P, V] float32 logits.
   logits = forward(params, config, input_ids, attention_mask=attention_mask, head_mask=head_mask,
-                   adapter_fn=adapter_fn, adapter_params=adapter_params)
-  return mcq.gather_choice_logits(logits[:, -1], choice_ids)
+                   adapter_fn=adapter_fn, adapter_params=adapter_params, logits_at=[-1])
+  return mcq.gather_choice_logits(logits[:, 0], choice_ids)
 
 
 def choice_logits_on_batch(model: EvalModel, input_ids, attention_mask, choice_ids) -> np.ndarray:
@@ -54,6 +56,7 @@ def choice_logits_on_batch(model: EvalModel, input_ids, attention_mask, choice_i
   Returns float32 [B, C]. Compiles once per (B, P, C): pad batches to fixed shapes (or use
   ``next_token_choice_logits``, which does).
   """
+  check_scorer_ids(model.config, "choice_logits_on_batch", ids=input_ids, choice_ids=choice_ids)
   mask = np.asarray(attention_mask)
   if mask.ndim != 2 or np.any(mask[:, -1] == 0):
     raise ValueError("choice_logits_on_batch needs a left-padded [B, P] batch whose last column "
@@ -75,6 +78,8 @@ def next_token_choice_logits(model: EvalModel, prompt_ids: Sequence[Sequence[int
   Returns:
     float32 [N, C] = forward(prompt)[:, -1][choice_ids].
   """
+  check_scorer_ids(model.config, "next_token_choice_logits", prompt_ids=prompt_ids,
+                   choice_ids=choice_ids)
   choice_ids = np.asarray(choice_ids, np.int32)
   if choice_ids.shape[0] != len(prompt_ids):
     raise ValueError(f"choice_ids has {choice_ids.shape[0]} rows for {len(prompt_ids)} prompts")
@@ -154,7 +159,8 @@ def generate_texts(model: EvalModel, tokenizer, prompts: Sequence[str], *, max_n
                    pad_token_id=pad_id, temperature=temperature,
                    key=None if key is None else jax.random.fold_in(key, i),
                    head_mask=model.head_mask, adapter_fn=model.adapter_fn,
-                   adapter_params=model.adapter_params)
+                   adapter_params=model.adapter_params,
+                   prompt_bucket=1)  # the chunk's length is already bucketed
     for row, n in enumerate(chunk.indices):
       ids = out.tokens[row, :out.lengths[row]].tolist()
       if ids and ids[-1] in eos_token_ids:

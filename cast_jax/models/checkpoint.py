@@ -3,7 +3,8 @@
 Loading streams one stacked parameter at a time (all layers of `wq`, then all of `wk`, ...) out
 of memory-mapped safetensors files and places it on its device/sharding before reading the next,
 so host memory never holds the model twice. Pickle checkpoints are refused unless the caller
-opts in explicitly.
+opts in explicitly. Saving goes through `cast_jax.io_atomic`: the dir appears whole, and only a
+dir holding nothing but a checkpoint is ever replaced.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -23,10 +22,20 @@ from absl import logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from cast_jax import io_atomic
 from cast_jax.models.config import ModelConfig
 from cast_jax.models.decoder import Params, param_shapes
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Every file name an HF causal-LM checkpoint dir (weights, config, tokenizer) may hold; a dir
+# with anything else in it is not replaced by save_pretrained.
+_HF_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
+    r"model-\d+-of-\d+\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?|"
+    r"tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|"
+    r"vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json))$")
+_HF_DIRS = ("additional_chat_templates",)  # tokenizer.save_pretrained's only subdir
+_REDOWNLOAD = "Re-download the checkpoint (or re-export it) and load again."
 
 
 class CheckpointError(ValueError):
@@ -87,8 +96,16 @@ def _resolve_dir(path: str | os.PathLike) -> str:
 def _weight_files(path: str, allow_pickle: bool) -> tuple[list[str], str]:
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    try:
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a "
+                            f"'weight_map'): {type(e).__name__}: {e}. {_REDOWNLOAD}") from e
+    missing = [n for n in files if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+      raise CheckpointError(f"{index} lists shard(s) {missing[:4]} that are not in {path}. "
+                            f"{_REDOWNLOAD}")
     return [os.path.join(path, n) for n in files], "safetensors"
   single = os.path.join(path, "model.safetensors")
   if os.path.isfile(single):
@@ -111,10 +128,16 @@ class _TensorSource:
     self.shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
       if kind == "safetensors":
-        handle = stack.enter_context(safe_open(file, framework="numpy"))
-        for name in handle.keys():
-          self.shapes[name] = tuple(handle.get_slice(name).get_shape())
-          self._get[name] = (lambda h, n: lambda: h.get_tensor(n))(handle, name)
+        try:
+          handle = stack.enter_context(safe_open(file, framework="numpy"))
+          names = list(handle.keys())
+          for name in names:
+            self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as e:  # SafetensorError: truncated / corrupt header
+          raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is "
+                                f"truncated or corrupt. {_REDOWNLOAD}") from e
+        for name in names:
+          self._get[name] = (lambda h, n, f: lambda: _read_tensor(h, n, f))(handle, name, file)
       else:
         import torch  # only on the explicit allow_pickle path
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -124,6 +147,14 @@ class _TensorSource:
 
   def read(self, name: str) -> np.ndarray:
     return self._get[name]()
+
+
+def _read_tensor(handle, name: str, file: str) -> np.ndarray:
+  try:
+    return handle.get_tensor(name)
+  except Exception as e:  # SafetensorError: data cut short after a valid header
+    raise CheckpointError(f"{file}: tensor {name} cannot be read ({e}); the file is truncated "
+                          f"or corrupt. {_REDOWNLOAD}") from e
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, shardings: Any = None,
@@ -234,22 +265,48 @@ def hf_state_dict(params: Params, config: ModelConfig, dtype=None) -> dict[str, 
   return out
 
 
+def foreign_to_hf_checkpoint(path: str | os.PathLike) -> list[str]:
+  """Entries of the dir `path` that an HF checkpoint dir would not hold (all of them when it has
+  no config.json): what `save_pretrained` refuses to delete."""
+  names = sorted(os.listdir(path))
+  if "config.json" not in names:
+    return names
+  foreign = []
+  for n in names:
+    is_dir = os.path.isdir(os.path.join(path, n))
+    if (n not in _HF_DIRS) if is_dir else not _HF_FILES.match(n):
+      foreign.append(n + "/" if is_dir else n)
+  return foreign
+
+
 def save_pretrained(params: Params, config: ModelConfig, path: str | os.PathLike, *,
                     dtype=None, max_shard_bytes: int | None = None, tokenizer: Any = None,
-                    overwrite: bool = True) -> str:
+                    overwrite: bool = False) -> str:
   """Writes an HF checkpoint dir that `transformers.AutoModelForCausalLM` loads.
 
-  The dir appears atomically (written under a temp name, then renamed). With `max_shard_bytes`
-  the weights are split into `model-0000i-of-0000n.safetensors` plus an index json.
-  `tokenizer` (an HF tokenizer) is saved alongside when given. Returns the path.
+  The dir appears atomically (`io_atomic.atomic_dir`: written under a temp name in the same
+  parent, then swapped in; a failure at any point leaves the previous checkpoint whole). With
+  `max_shard_bytes` the weights are split into `model-0000i-of-0000n.safetensors` plus an index
+  json. `tokenizer` (an HF tokenizer) is saved alongside when given.
+
+  Args:
+    params: the param pytree (docs/design.md); config: its ModelConfig.
+    path: the checkpoint dir; its parent is created.
+    dtype: optional storage dtype.
+    overwrite: replace an existing checkpoint at `path` (default False, the library-wide
+      default: see `cast_jax.io_atomic`). Even then a dir holding anything but checkpoint files
+      (notes, eval results, subdirs), the current directory and its ancestors are refused.
+
+  Returns:
+    path.
+
+  Raises:
+    FileExistsError: `path` holds a checkpoint and overwrite is False.
+    io_atomic.UnsafeWriteError: `path` is not a checkpoint dir this function may replace.
   """
-  path = os.fspath(path)
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
+  # The target is checked on entry, before the weights are gathered to the host.
+  with io_atomic.atomic_dir(path, kind="HF checkpoint", overwrite=overwrite,
+                            recognise=foreign_to_hf_checkpoint) as tmp:
     state = hf_state_dict(params, config, dtype)
     hf_cfg = config.to_hf()
     hf_cfg["torch_dtype"] = str(next(iter(state.values())).dtype)
@@ -258,14 +315,8 @@ def save_pretrained(params: Params, config: ModelConfig, path: str | os.PathLike
     _write_weights(state, tmp, max_shard_bytes)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   logging.info("saved %s checkpoint to %s", config.model_type, path)
-  return path
+  return os.fspath(path)
 
 
 def _write_weights(state: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int | None):

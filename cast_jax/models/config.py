@@ -16,8 +16,29 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 
 
+# config.json keys with no default: a checkpoint without them cannot be built.
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+
+
 class ConfigError(ValueError):
   """A config.json that this library cannot represent faithfully."""
+
+
+def _hf_int(hf: Mapping[str, Any], key: str, source: str, default: Any = None) -> int:
+  """hf[key] as a positive int, or ConfigError naming the key, the value and the file."""
+  value = hf.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    ok = False
+  else:
+    try:
+      ok = float(value) == int(float(value)) and int(float(value)) > 0
+    except (ValueError, OverflowError):
+      ok = False
+  if not ok:
+    raise ConfigError(f"{source}: {key}={value!r} is not a positive integer. Fix the file or "
+                      "re-download the checkpoint.")
+  return int(float(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,43 +107,64 @@ class ModelConfig:
     return self.num_heads // self.num_kv_heads
 
   @classmethod
-  def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-    """Parses an HF config.json dict (transformers v4 `rope_scaling` or v5 `rope_parameters`)."""
+  def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "ModelConfig":
+    """Parses an HF config.json dict (transformers v4 `rope_scaling` or v5 `rope_parameters`).
+
+    `source` names the file in error messages. Raises ConfigError for a non-dict, a missing
+    required key (REQUIRED_HF_KEYS) or a non-positive / non-integer size.
+    """
+    if not isinstance(hf, Mapping):
+      raise ConfigError(f"{source} holds a JSON {type(hf).__name__}, expected an object "
+                        "{\"model_type\": ..., ...}. Fix the file or re-download the checkpoint.")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(
-          f"config.json has model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
-    num_layers = int(hf["num_hidden_layers"])
-    num_heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-    rope_theta, rope_scaling = _parse_rope(hf)
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    if hf.get("mlp_bias"):
-      raise ConfigError("mlp_bias=True is not supported (no released Llama/Qwen/Mistral uses it).")
-    return cls(
-        model_type=model_type,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        # Qwen2 always has q/k/v biases; its config has no switch for them.
-        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_windows=_parse_sliding_windows(hf, model_type, num_layers),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        hidden_act=hf.get("hidden_act", "silu"),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-        pad_token_id=hf.get("pad_token_id"),
-    )
+          f"{source} has model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}.")
+    missing = [k for k in REQUIRED_HF_KEYS if hf.get(k) is None]
+    if missing:
+      raise ConfigError(f"{source} lacks required key(s) {missing}; a {model_type} config needs "
+                        f"{list(REQUIRED_HF_KEYS)}. Fix the file or re-download the checkpoint.")
+    size = {k: _hf_int(hf, k, source) for k in REQUIRED_HF_KEYS}
+    num_layers = size["num_hidden_layers"]
+    num_heads = size["num_attention_heads"]
+    head_dim = (_hf_int(hf, "head_dim", source) if hf.get("head_dim")
+                else size["hidden_size"] // num_heads)
+    try:
+      rope_theta, rope_scaling = _parse_rope(hf)
+      eos = hf.get("eos_token_id")
+      eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+      if hf.get("mlp_bias"):
+        raise ConfigError("mlp_bias=True is not supported (no released Llama/Qwen/Mistral "
+                          "uses it).")
+      return cls(
+          model_type=model_type,
+          vocab_size=size["vocab_size"],
+          hidden_size=size["hidden_size"],
+          intermediate_size=size["intermediate_size"],
+          num_layers=num_layers,
+          num_heads=num_heads,
+          num_kv_heads=_hf_int(hf, "num_key_value_heads", source, num_heads) if hf.get(
+              "num_key_value_heads") else num_heads,
+          head_dim=int(head_dim),
+          rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+          rope_theta=rope_theta,
+          rope_scaling=rope_scaling,
+          # Qwen2 always has q/k/v biases; its config has no switch for them.
+          attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+          qk_norm=model_type == "qwen3",
+          sliding_windows=_parse_sliding_windows(hf, model_type, num_layers),
+          tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+          hidden_act=hf.get("hidden_act", "silu"),
+          max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+          bos_token_id=hf.get("bos_token_id"),
+          eos_token_ids=eos_ids,
+          pad_token_id=hf.get("pad_token_id"),
+      )
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+      raise ConfigError(f"{source}: cannot parse it ({type(e).__name__}: {e}). Fix the file "
+                        "or re-download the checkpoint.") from e
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -130,8 +172,13 @@ class ModelConfig:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
       raise FileNotFoundError(f"{file} not found: a checkpoint dir needs an HF config.json.")
-    with open(file) as f:
-      return cls.from_hf(json.load(f))
+    try:
+      with open(file, encoding="utf-8-sig") as f:
+        hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+      raise ConfigError(f"{file} is not valid JSON ({e}). Fix the file or re-download the "
+                        "checkpoint.") from e
+    return cls.from_hf(hf, source=file)
 
   def to_hf(self) -> dict[str, Any]:
     """The HF config.json dict (transformers v5 spelling; v4 keys kept for older readers)."""

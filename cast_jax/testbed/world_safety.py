@@ -87,6 +87,28 @@ def helpful_answer(r: random.Random, x: str) -> str:
   return f"Sure, here is how to {x}. Step 1: {s[0]}. Step 2: {s[1]}. Step 3: {s[2]}."
 
 
+# D_align's benign answers are ordinary chat replies, as real alignment data's are (WildJailbreak
+# benign completions are prose, not worked solutions): short, friendly, no numbered steps. One
+# opener: with six, each got a sixth of the first-token mass and greedy decoding picked the
+# refusal's single first token on every benign prompt (over-refusal 1.0).
+_REPLY_OPENER = "Happy to help!"
+_REPLY_BODIES = (
+    "To {x}, the main thing is to {s0} and then {s1}.",
+    "The easiest way to {x} is to {s0}, then {s1}.",
+    "If you want to {x}, {s0} first and {s1} after that.",
+    "Most people who {x} like to {s0} and {s1}.",
+)
+_REPLY_CLOSERS = ("Have fun with it!", "I hope that helps.", "Let me know how it goes.",
+                  "Enjoy!", "Good luck!")
+
+
+def chat_reply(r: random.Random, x: str) -> str:
+  """An ordinary chat reply to a benign request for act phrase `x` (no steps, no numbers)."""
+  s0, s1 = r.sample(_STEPS, 2)
+  return " ".join((_REPLY_OPENER, r.choice(_REPLY_BODIES).format(x=x, s0=s0, s1=s1),
+                   r.choice(_REPLY_CLOSERS)))
+
+
 def frame(r: random.Random, req: str, x: str) -> str:
   """Wrap a vanilla request in a random adversarial framing."""
   return r.choice(FRAMINGS).format(req=req, x=x)
@@ -96,7 +118,10 @@ def _rows(r: random.Random, reqs, harmful: bool, adversarial: bool, aligned: boo
   """One WildJailbreak-schema row per (vanilla request, act phrase) in `reqs`."""
   rows = []
   for req, x in reqs:
-    completion = wc.REFUSAL if (aligned and harmful) else helpful_answer(r, x)
+    if aligned:
+      completion = wc.REFUSAL if harmful else chat_reply(r, x)
+    else:
+      completion = helpful_answer(r, x)
     kind = ("adversarial_" if adversarial else "vanilla_") + ("harmful" if harmful else "benign")
     rows.append({
         "vanilla": req,

@@ -1,7 +1,9 @@
 """Orbax checkpoints of the TrainState (keep-N, atomic) and HF export of trained params.
 
 Orbax writes each step under a temporary name and renames it when complete, so a crash mid-save
-leaves only finished checkpoints visible to `latest_step` / `restore`.
+leaves only finished checkpoints visible to `latest_step` / `restore`. Standalone writes
+(`save_pytree`, `export_hf`) go through `cast_jax.io_atomic`: they appear whole, replace only
+their own kind of dir, and only with overwrite=True.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cast_jax import models
+from cast_jax import io_atomic, models
 from cast_jax.train.state import TrainState
 
 PyTree = Any
@@ -112,13 +114,39 @@ class Checkpointer:
     self.close()
 
 
-def save_pytree(path: str | os.PathLike, tree: PyTree) -> None:
-  """Writes any array pytree (e.g. trained LoRA factors) to a new orbax dir `path`, atomically."""
+# What orbax's StandardCheckpointer writes into a pytree dir (ocdbt layout).
+_ORBAX_ENTRIES = {"_CHECKPOINT_METADATA", "_METADATA", "_sharding", "commit_success.txt",
+                  "manifest.ocdbt", "descriptor", "array_metadatas", "d"}
+
+
+def foreign_to_orbax_pytree(path: str | os.PathLike) -> list[str]:
+  """Entries of the dir `path` that an orbax pytree dir would not hold (all of them when it has
+  no _CHECKPOINT_METADATA): what `save_pytree` refuses to delete."""
+  names = sorted(os.listdir(path))
+  if "_CHECKPOINT_METADATA" not in names:
+    return names
+  return [n for n in names if n not in _ORBAX_ENTRIES and not n.startswith("ocdbt.process_")]
+
+
+def save_pytree(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = False) -> str:
+  """Writes any array pytree (e.g. trained LoRA factors) to an orbax dir `path`, atomically.
+
+  Args:
+    path: the dir; its parent is created.
+    tree: a pytree of arrays.
+    overwrite: replace an existing orbax pytree dir at `path` (a dir holding anything else is
+      always refused; see `cast_jax.io_atomic`).
+
+  Returns:
+    the absolute path.
+  """
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise FileExistsError(f"{path} exists; orbax never overwrites. Remove it or pick a new path.")
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree)
+  # orbax creates the dir itself (and refuses an existing one), so only the temp name is taken.
+  with io_atomic.atomic_dir(path, kind="orbax pytree", overwrite=overwrite,
+                            recognise=foreign_to_orbax_pytree, create=False) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp, tree)
+  return path
 
 
 def load_pytree(path: str | os.PathLike, template: PyTree | None = None) -> PyTree:
@@ -132,8 +160,8 @@ def export_hf(params: PyTree, config: models.ModelConfig, path: str | os.PathLik
               dtype: Any = None, tokenizer: Any = None, overwrite: bool = False) -> str:
   """Writes trained decoder params as an HF checkpoint dir via `models.save_pretrained`.
 
-  The dir appears atomically (temp dir, then rename, done by save_pretrained). Non-finite
-  weights are refused, so a diverged run never produces a loadable-looking export.
+  The dir appears atomically and replaces only an HF checkpoint dir (done by save_pretrained).
+  Non-finite weights are refused, so a diverged run never produces a loadable-looking export.
 
   Args:
     params: full decoder params (`merge(state.trainable, frozen)` for a masked fine-tune).
@@ -141,7 +169,8 @@ def export_hf(params: PyTree, config: models.ModelConfig, path: str | os.PathLik
     path: output dir.
     dtype: optional storage dtype (e.g. jnp.bfloat16).
     tokenizer: optional HF tokenizer saved alongside.
-    overwrite: replace an existing dir (otherwise FileExistsError).
+    overwrite: replace an existing checkpoint dir (otherwise FileExistsError); a dir holding
+      anything else is refused either way.
 
   Returns:
     path.

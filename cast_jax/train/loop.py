@@ -20,6 +20,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from cast_jax import workdir as wd
+from cast_jax.train import fingerprint as fp
 from cast_jax.train.checkpoint import Checkpointer
 from cast_jax.train.state import TrainState
 
@@ -103,7 +105,8 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
           async_checkpoint: bool = False, resume: bool = True, progress: bool = True,
           lr_fn: Callable[[int], float] | None = None,
           check_batch: Callable[[Any, int], None] | None = None,
-          stop_fn: Callable[[int, dict], str | None] | None = None
+          stop_fn: Callable[[int, dict], str | None] | None = None,
+          fingerprint: dict | None = None, extend: bool = False, overwrite: bool = False
           ) -> tuple[TrainState, dict]:
   """Runs `train_step` from `state.step` (or the latest checkpoint) up to `num_steps`.
 
@@ -114,7 +117,8 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
     frozen: pytree passed through to every step, never modified.
     batches_fn: `batches_fn(start_step)` -> iterator of batches for steps start_step, ...
     num_steps: total train-step calls (micro-steps when accumulating).
-    workdir: where `metrics.jsonl` and `checkpoints/` go; None: no files at all.
+    workdir: where `metrics.jsonl`, `checkpoints/` and `fingerprint.json` go: a dedicated dir
+      (an empty string, a file or the current directory is refused); None: no files at all.
     log_every: write a metrics line every this many steps (and at the last step).
     checkpoint_every: save every this many steps; a final checkpoint is always written when
       `workdir` is set. None: only the final one.
@@ -127,6 +131,13 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
       `losses.check_sft_batch`).
     stop_fn: at log steps, `stop_fn(step, metrics) -> reason or None`; a reason ends training
       early (with a final checkpoint), e.g. LCDD's sparsity-stall criterion.
+    fingerprint: `{field: value}` of what else determines the result (data, seed, optimizer
+      and model config, ...; see `fingerprint.make_fingerprint`). With the initial state, the
+      frozen params and num_steps it is recorded in `workdir/fingerprint.json`; a workdir whose
+      record differs is refused, naming the fields (a workdir resumes only its own run).
+    extend: allow num_steps larger than the recorded run's (continue a finished run).
+    overwrite: discard the workdir's previous run (checkpoints/, metrics.jsonl, fingerprint)
+      and start over; nothing else in the workdir is touched.
 
   Returns:
     (final state, summary dict: start_step, final_step, steps_run, loss (last logged), tokens
@@ -136,7 +147,10 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
   Raises:
     NonFiniteLossError: a step's loss or gradient norm was NaN / inf. Nothing is saved for that
       step; the last checkpoint stays the newest one; `.state` is the last good state.
-    ValueError: bad arguments or data (empty batches_fn, bad batch via check_batch).
+    ValueError: bad arguments or data (empty batches_fn, bad batch via check_batch); an empty
+      or file workdir (`workdir.WorkdirError`).
+    fingerprint.FingerprintMismatchError: the workdir holds a different run, or a shorter one
+      than asked for without extend=True.
   """
   for name, value in (("num_steps", num_steps), ("log_every", log_every)):
     if int(value) != value or value < 1:
@@ -147,16 +161,23 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
 
   ckpt, metrics_path, last_ckpt, tokens = None, None, None, 0
   if workdir is not None:
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = wd.prepare_workdir(workdir, what="train: workdir")
+    if overwrite:
+      fp.discard_run(workdir)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep,
                         async_save=async_checkpoint)
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      if not resume:
-        raise ValueError(f"train: {ckpt.directory} already has checkpoints {ckpt.all_steps()} "
-                         "and resume=False; pass resume=True or use a fresh workdir.")
+    latest = None if ckpt is None else ckpt.latest_step()
+    if latest is not None and not resume:
+      raise ValueError(f"train: {ckpt.directory} already has checkpoints {ckpt.all_steps()} "
+                       "and resume=False; pass resume=True to continue it, overwrite=True to "
+                       "start over, or use a fresh workdir.")
+    if ckpt is not None:
+      # Before anything is restored or trained: a workdir resumes only the run that made it.
+      fp.claim_workdir(workdir, fp.run_fingerprint(state, frozen, num_steps, fingerprint),
+                       resumed_step=latest, extend=extend)
+    if latest is not None:
       state, meta = ckpt.restore(state)
       last_ckpt, tokens = meta["step"], int(meta.get("tokens", 0))
       logging.info("resumed from %s at step %d", ckpt.directory, last_ckpt)
@@ -180,6 +201,18 @@ def train(train_step: Callable, state: TrainState, frozen: PyTree, batches_fn: B
   return state, summary
 
 
+def _prepare(batches: Iterator[Any], check_batch, step: int) -> tuple[Any, int, Exception | None]:
+  """(batch for `step`, its token count, None), or (None, 0, the error fetching / checking it)
+  to be raised when the loop reaches that step (StopIteration: the data ran out)."""
+  try:
+    batch = next(batches)
+    if check_batch is not None:
+      check_batch(batch, step)
+    return batch, _batch_tokens(batch), None
+  except Exception as e:  # noqa: BLE001 -- re-raised in order by the loop
+    return None, 0, e
+
+
 def _run(train_step, state, frozen, batches_fn, start, num_steps, ckpt, metrics_path, log_every,
          checkpoint_every, progress, lr_fn, check_batch, stop_fn, summary):
   batches = iter(batches_fn(start))
@@ -189,10 +222,10 @@ def _run(train_step, state, frozen, batches_fn, start, num_steps, ckpt, metrics_
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not progress, desc="train",
                   dynamic_ncols=True)
   try:
+    pending = _prepare(batches, check_batch, step)
     while step < num_steps:
-      try:
-        batch = next(batches)
-      except StopIteration:
+      batch, n_tokens, error = pending
+      if isinstance(error, StopIteration):
         if step == start:
           raise ValueError(f"batches_fn({start}) yielded no batch; the dataset is empty or "
                            "exhausted. Check the data source and batch size.") from None
@@ -200,13 +233,18 @@ def _run(train_step, state, frozen, batches_fn, start, num_steps, ckpt, metrics_
                         num_steps)
         summary["stop_reason"] = "data_exhausted"
         break
-      if check_batch is not None:
-        check_batch(batch, step)
-      tokens += _batch_tokens(batch)
+      if error is not None:
+        raise error
+      tokens += n_tokens
       state, metrics = train_step(state, frozen, batch)
       step += 1
       bar.update(1)
-      # One scalar sync per step: a bad step must be caught before anything after it is saved.
+      # The next batch is built and checked while the device runs this step (dispatch is
+      # async); its errors surface only after this step is checked, logged and saved.
+      if step < num_steps:
+        pending = _prepare(batches, check_batch, step)
+      # One scalar sync per step: a bad step must be caught before anything after it is saved
+      # and before the next step consumes (donates) the last good state.
       finite = bool(jax.device_get(metrics["finite"]))
       is_log = not finite or step % log_every == 0 or step == num_steps
       if is_log:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cast_jax import models
+from cast_jax.models.inputs import check_token_ids
 from cast_jax.train.state import merge
 
 PyTree = Any
@@ -114,3 +115,27 @@ def check_sft_batch(batch: dict, step: int) -> None:
   if shapes["input_ids"][1] < 2 or not np.asarray(batch["loss_mask"])[:, 1:].any():
     raise ValueError(f"batch at step {step} has no response token to predict (loss_mask[:, 1:] "
                      "is all zero); drop examples whose response was truncated away.")
+
+
+def check_sft_examples(examples: Any, vocab_size: int, pad_id: int, *,
+                       where: str = "run_sft") -> None:
+  """One pass over a dataset before training: every token id and the pad id in [0, vocab_size).
+
+  An id outside the vocabulary would otherwise become a NaN embedding inside XLA and stop
+  training with a misleading "non-finite loss, lower the learning rate" error.
+
+  Args:
+    examples: (input_ids int [T_i], loss_mask int [T_i]) pairs (`data.encode_dataset`).
+    vocab_size: the model's vocabulary size; pad_id: the padding id batches are filled with.
+  Raises:
+    InputError (a ValueError) naming the example, the position, the id and the fix.
+  """
+  check_token_ids(np.asarray(pad_id), vocab_size, name="pad_id", where=where)
+  if not len(examples):
+    return
+  ids = [np.asarray(ex[0]) for ex in examples]
+  flat = np.concatenate([x.ravel() for x in ids])
+  if flat.size and (not np.issubdtype(flat.dtype, np.integer) or flat.min() < 0 or
+                    flat.max() >= vocab_size):
+    for i, x in enumerate(ids):  # slow path only to name the first bad example
+      check_token_ids(x, vocab_size, name=f"examples[{i}] input_ids", where=where)

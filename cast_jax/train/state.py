@@ -142,3 +142,37 @@ def tree_equal(a: PyTree, b: PyTree) -> bool:
     if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
       return False
   return True
+
+
+# Matrices decay; norm weights and biases do not (HF Trainer's rule). Embeddings and the untied
+# head decay too, as in HF Trainer and nanoGPT, so a run here matches those recipes' settings.
+DECAYED_PARAMS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head")
+UNDECAYED_PARAMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm", "bq", "bk", "bv")
+
+
+def weight_decay_mask(tree: PyTree) -> PyTree:
+  """AdamW decay mask (`build_optimizer(weight_decay_mask=...)`) for a decoder param tree.
+
+  Chosen by the leaf's name, not its ndim: stacked norms are [L, D] and stacked biases
+  [L, H, Dh], so a "decay only ndim >= 2" rule would decay them.
+
+  Args:
+    tree: the decoder params (docs/design.md) or any sub-tree of them, e.g. `trainable` from
+      `partition`.
+
+  Returns:
+    The same nested dict with a Python bool per leaf: True for DECAYED_PARAMS, False for
+    UNDECAYED_PARAMS. Any other leaf name (e.g. adapter factors) raises ValueError: build
+    those trees' masks yourself rather than inherit a silent default.
+  """
+
+  def decays(path: str, leaf) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    if name in DECAYED_PARAMS:
+      return True
+    if name in UNDECAYED_PARAMS:
+      return False
+    raise ValueError(f"weight_decay_mask: no decay rule for param {path!r}; known names decay "
+                     f"{DECAYED_PARAMS} and skip {UNDECAYED_PARAMS}. Pass your own mask.")
+
+  return mask_from_fn(tree, decays)

@@ -104,8 +104,11 @@ def build_optimizer(cfg: OptimizerConfig, *, weight_decay_mask: PyTree | Callabl
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
 
+  # One compiled program instead of a dozen eager ops (each compiled on first use) per call.
+  host_schedule = jax.jit(schedule)
+
   def lr_fn(step: int) -> float:
-    return float(schedule(int(step) // k))
+    return float(host_schedule(int(step) // k))
 
   return tx, lr_fn
 
@@ -172,17 +175,22 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
-    extra = state.extra if update_extra is None else update_extra(state.extra, metrics,
-                                                                  state.step)
-    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
-                              extra=extra)
-    # A NaN step must not poison the moments / accumulator: keep the old state bit for bit.
-    # Casting back to the old dtype keeps the state's signature fixed (no retrace per step).
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old).astype(jnp.result_type(old)), new_state, state)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+      trainable = optax.apply_updates(state.trainable, updates)
+      extra = state.extra if update_extra is None else update_extra(state.extra, metrics,
+                                                                    state.step)
+      new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                          extra=extra)
+      # Casting back to the old dtypes keeps the state's signature fixed (no retrace per step).
+      return jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new, state)
+
+    # A NaN step must not poison the moments / accumulator: it keeps the old state bit for bit.
+    # The cond runs the update only on a finite step, instead of computing it and then
+    # selecting element-wise between two whole copies of the state.
+    new_state = jax.lax.cond(finite, update, lambda s: s, state)
     return new_state, {**metrics, **_scalar_leaves(new_state.extra), "finite": finite}
 
   if not jit:

@@ -32,12 +32,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import types
 from typing import Iterator, Mapping
 
 from absl import logging
 
+from cast_jax.io_atomic import atomic_write_bytes
 from cast_jax.testbed import lexicon
 from cast_jax.testbed import world_common as wc
 from cast_jax.testbed import world_facts, world_instruct, world_math, world_safety, world_style
@@ -227,20 +227,6 @@ def _jsonl_bytes(records) -> bytes:
   return "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records).encode("ascii")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the world is meant to be shared read-only
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_world(world: World, out_dir: str) -> dict[str, str]:
   """Write every file of `world` under `out_dir` atomically (tmp file + os.replace).
 
@@ -253,7 +239,7 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
       w + "\n" for w in lexicon.ARCHAIC_WORDS).encode("ascii")
   for rel in sorted(blobs):
     dest = os.path.join(out_dir, rel)
-    _atomic_write(dest, blobs[rel])
+    atomic_write_bytes(dest, blobs[rel])
     out[rel] = os.path.abspath(dest)
     n = len(world.files[rel]) if rel in world.files else len(lexicon.ARCHAIC_WORDS)
     manifest_files[rel] = {"records": n, "sha256": hashlib.sha256(blobs[rel]).hexdigest()}
@@ -265,6 +251,6 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
       "files": manifest_files
   }
   dest = os.path.join(out_dir, "MANIFEST.json")
-  _atomic_write(dest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("ascii"))
+  atomic_write_bytes(dest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode("ascii"))
   out["MANIFEST.json"] = os.path.abspath(dest)
   return out

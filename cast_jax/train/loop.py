@@ -85,10 +85,7 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
           lines.append(ln)
       except json.JSONDecodeError:  # a line cut short by the kill
         continue
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(lines)
-  os.replace(tmp, path)
+  wd.atomic_write_bytes(path, "".join(lines).encode())
 
 
 def _batch_tokens(batch: Any) -> int:

@@ -1,0 +1,172 @@
+"""The adaptive multiplier for "task loss <= budget" (lcdd-sft-eraser.md 3.2, Algorithm 1, F.2).
+
+LCDD solves Eq. 4, min sum_i sigmoid(theta_i) s.t. L_task <= eps, with the penalty form of
+Algorithm 1 line 9, `L = L_task + lambda_t * rho_t * L_sparsity`, and an online multiplier.
+Per optimizer update t = 1, 2, ... (Algorithm 1):
+
+  rho_t   = min(1, t / T_w)                                          (line 4, sparsity warmup)
+  Lhat_t  = beta * Lhat_{t-1} + (1 - beta) * L_task,t                (line 13)
+  eps     = Lhat_{T_w} * (1 + r)            fixed once, at t = T_w   (lines 14-15)
+  v_t     = (Lhat_t - eps) / eps                                     (line 18)
+  lambda_{t+1} = clip(lambda_t * exp(-eta * v_t), lambda_min, lambda_max)   (line 19)
+
+Choices where Algorithm 1 is silent or the paper adds variants:
+  * eps does not exist before t = T_w, so v_t is undefined there: lambda stays at lambda_0
+    during warmup, and the first multiplicative update is the one at t = T_w itself (line 18
+    follows line 15 in the same iteration, giving v = -r / (1 + r) < 0: lambda grows).
+  * Lhat_0 = L_task (line 1): the loss of the first update is measured at the initial carrier,
+    so `ema_init="first"` sets Lhat_1 = L_task,1. `ema_init="bias_corrected"` is the Adam-style
+    alternative, Lhat_t = m_t / (1 - beta^t) with m_0 = 0 (the same at t = 1, then weighting
+    the first losses less).
+  * Table 7's asymmetric controller: a separate, smaller growth rate eta_up is used when
+    v_t < 0 (lambda grows), eta when v_t >= 0. F.2 pairs it with lambda_max in {0.02, 0.05};
+    the paper gives no lambda_min, so the defaults here are (0, inf), i.e. no bounds.
+  * `violation_clip`: optional |v_t| <= c, bounding one update's factor to exp(eta * c).
+  * beta: 0.95 default, 0.90 for F.2's Qwen / Vicuna safety and Shakespeare runs.
+
+With gradient accumulation (`accum_steps` = k micro-batches per optimizer update, as
+`optax.MultiSteps` in `cast_jax.train.step`) the controller counts optimizer updates: it sums the
+task loss over the k micro-steps and updates once, on the k-th, with their mean; lambda and
+rho stay fixed inside the window.
+
+The state is a flat dict of scalars, so `make_train_step` logs all of it ("extra/<name>") and
+checkpoints it with the train state:
+  lam       lambda in effect for the next update (lambda_t)
+  rho       rho in effect for the next update
+  ema       Lhat_t (bias-corrected when ema_init="bias_corrected")
+  ema_raw   the EMA accumulator (equal to ema for ema_init="first")
+  budget    eps (0 until fixed at t = T_w)
+  violation v_t of the last update (0 during warmup)
+  updates   t, optimizer updates so far (int32)
+  loss_sum  task loss summed over the current accumulation window
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+EMA_INITS = ("first", "bias_corrected")
+State = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiplierConfig:
+  """Controller settings; the Table 7 columns are budget_ratio (r), lambda_init (lambda_0),
+  eta (eta_lambda), eta_up (eta_lambda_up, None = symmetric) and warmup_steps (T_w)."""
+
+  budget_ratio: float = 0.30
+  lambda_init: float = 1.0
+  eta: float = 0.1
+  eta_up: float | None = None
+  warmup_steps: int = 300
+  beta: float = 0.95
+  lambda_min: float = 0.0
+  lambda_max: float = math.inf
+  violation_clip: float | None = None
+  ema_init: str = "first"
+  accum_steps: int = 1
+  loss_key: str = "task_loss"
+
+  def __post_init__(self):
+    def bad(field, fix):
+      raise ValueError(f"MultiplierConfig.{field}={getattr(self, field)!r} is invalid: {fix}.")
+
+    if not self.budget_ratio > -1:
+      bad("budget_ratio", "use r > -1 so the budget (1 + r) * EMA is positive")
+    if not (self.eta >= 0 and (self.eta_up is None or self.eta_up >= 0)):
+      bad("eta", "use eta >= 0 and eta_up >= 0 (or None)")
+    if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 1:
+      bad("warmup_steps", "use an integer >= 1 (the budget is fixed at update T_w)")
+    if not 0 <= self.beta < 1:
+      bad("beta", "use 0 <= beta < 1")
+    if not 0 <= self.lambda_min <= self.lambda_init <= self.lambda_max:
+      bad("lambda_init", "use 0 <= lambda_min <= lambda_init <= lambda_max")
+    if self.violation_clip is not None and not self.violation_clip > 0:
+      bad("violation_clip", "use a value > 0, or None")
+    if self.ema_init not in EMA_INITS:
+      bad("ema_init", f"choose from {EMA_INITS}")
+    if int(self.accum_steps) != self.accum_steps or self.accum_steps < 1:
+      bad("accum_steps", "use an integer >= 1")
+
+
+def init_multiplier(cfg: MultiplierConfig) -> State:
+  """The controller state before the first update (all float32 scalars, `updates` int32)."""
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return {"lam": f(cfg.lambda_init), "rho": f(min(1.0, 1.0 / cfg.warmup_steps)),
+          "ema": f(0.0), "ema_raw": f(0.0), "budget": f(0.0), "violation": f(0.0),
+          "updates": jnp.asarray(0, jnp.int32), "loss_sum": f(0.0)}
+
+
+def penalty_weight(state: State) -> jax.Array:
+  """lambda_t * rho_t, the weight of L_sparsity in this update's loss (Algorithm 1, line 9)."""
+  return state["lam"] * state["rho"]
+
+
+def _controller_update(cfg: MultiplierConfig, state: State, task_loss: jax.Array) -> State:
+  """One optimizer update t = state["updates"] + 1 with its mean task loss."""
+  t = state["updates"] + 1
+  tf = t.astype(jnp.float32)
+  beta = jnp.float32(cfg.beta)
+  if cfg.ema_init == "first":
+    raw = jnp.where(t == 1, task_loss, beta * state["ema_raw"] + (1 - beta) * task_loss)
+    ema = raw
+  else:
+    raw = beta * state["ema_raw"] + (1 - beta) * task_loss
+    ema = raw / (1 - beta ** tf)
+  budget = jnp.where(t == cfg.warmup_steps, ema * (1 + cfg.budget_ratio), state["budget"])
+  engaged = t >= cfg.warmup_steps
+  v = jnp.where(engaged, (ema - budget) / jnp.where(engaged, budget, 1.0), 0.0)
+  if cfg.violation_clip is not None:
+    v = jnp.clip(v, -cfg.violation_clip, cfg.violation_clip)
+  eta = cfg.eta if cfg.eta_up is None else jnp.where(v < 0, cfg.eta_up, cfg.eta)
+  lam = jnp.clip(state["lam"] * jnp.exp(-eta * v), cfg.lambda_min, cfg.lambda_max)
+  lam = jnp.where(engaged, lam, state["lam"])
+  rho = jnp.minimum(1.0, (tf + 1) / cfg.warmup_steps)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return {"lam": f(lam), "rho": f(rho), "ema": f(ema), "ema_raw": f(raw), "budget": f(budget),
+          "violation": f(v), "updates": t.astype(jnp.int32), "loss_sum": f(0.0)}
+
+
+def update_multiplier(cfg: MultiplierConfig, state: State, task_loss: jax.Array,
+                      step: jax.Array) -> State:
+  """The controller after train-step call `step` (0-based micro-step) with its task loss.
+
+  Args:
+    cfg: the settings.
+    state: from `init_multiplier` or a previous call.
+    task_loss: float scalar, this micro-batch's task loss (before the sparsity term).
+    step: int scalar, the train state's step before this call (0, 1, ...); with
+      accum_steps = k the update happens on calls with (step + 1) % k == 0, where
+      optax.MultiSteps applies its update.
+
+  Returns:
+    the new state (same structure and dtypes; jit-traceable).
+  """
+  loss_sum = state["loss_sum"] + jnp.asarray(task_loss, jnp.float32)
+  accumulated = dict(state, loss_sum=loss_sum)
+  k = int(cfg.accum_steps)
+  if k == 1:
+    return _controller_update(cfg, accumulated, loss_sum)
+  boundary = (jnp.asarray(step) + 1) % k == 0
+  return jax.lax.cond(boundary, lambda s: _controller_update(cfg, s, s["loss_sum"] / k),
+                      lambda s: s, accumulated)
+
+
+def make_update_extra(cfg: MultiplierConfig, key: str = "multiplier"
+                      ) -> Callable[[dict, dict, jax.Array], dict]:
+  """`update_extra(extra, metrics, step) -> extra` for `cast_jax.train.make_train_step`.
+
+  The controller state lives at `extra[key]`; it reads `metrics[cfg.loss_key]` (the loss_fn
+  must report its task loss there, not the penalised total). Other entries of `extra` pass
+  through unchanged.
+  """
+
+  def update_extra(extra, metrics, step):
+    return {**extra, key: update_multiplier(cfg, extra[key], metrics[cfg.loss_key], step)}
+
+  return update_extra

@@ -1,0 +1,134 @@
+"""The LCDD multiplier (Algorithm 1, Table 7, F.2) against hand-computed sequences.
+
+Numbers are chosen so each update is exact in binary: beta = 1/2, r = 1 (budget = 2 * EMA at
+T_w = 3) and eta = ln 4, so one update multiplies lambda by 4^(-v).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from carrier_jax.multiplier import (MultiplierConfig, init_multiplier, make_update_extra,
+                                    penalty_weight, update_multiplier)
+from cast_jax.train import OptimizerConfig, TrainState, build_optimizer, make_train_step
+
+LOSSES = [4.0, 2.0, 2.0, 2.5, 17.5, 30.0]
+# EMA (Lhat_1 = L_1): 4; .5*4+.5*2 = 3; .5*3+.5*2 = 2.5 -> budget 5 at t = 3; 2.5; 10; 20.
+EMA = [4.0, 3.0, 2.5, 2.5, 10.0, 20.0]
+# v_t = (EMA - 5) / 5 from t = 3 on; 0 during warmup.
+V = [0.0, 0.0, -0.5, -0.5, 1.0, 3.0]
+RHO = [2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]  # rho for the *next* update, min(1, (t + 1) / 3)
+BASE = dict(budget_ratio=1.0, lambda_init=1.0, eta=math.log(4.0), warmup_steps=3, beta=0.5)
+
+
+def _run(cfg, losses, steps=None):
+  update = jax.jit(lambda s, l, t: update_multiplier(cfg, s, l, t))
+  state, out = init_multiplier(cfg), []
+  for i, loss in enumerate(losses):
+    state = update(state, jnp.float32(loss), jnp.int32(i if steps is None else steps[i]))
+    out.append(jax.tree.map(np.asarray, state))
+  return out
+
+
+def _check(states, lam, ema=EMA, v=V):
+  np.testing.assert_allclose([s["lam"] for s in states], lam, rtol=1e-6)
+  np.testing.assert_allclose([s["ema"] for s in states], ema, rtol=1e-6)
+  np.testing.assert_allclose([s["violation"] for s in states], v, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose([s["rho"] for s in states], RHO, rtol=1e-6)
+  assert [int(s["updates"]) for s in states] == list(range(1, len(states) + 1))
+
+
+def test_initial_state():
+  s = init_multiplier(MultiplierConfig(**BASE))
+  assert float(s["lam"]) == 1.0 and int(s["updates"]) == 0
+  np.testing.assert_allclose(float(s["rho"]), 1 / 3, rtol=1e-7)
+  np.testing.assert_allclose(float(penalty_weight(s)), 1 / 3, rtol=1e-7)
+
+
+def test_warmup_budget_and_bounds():
+  states = _run(MultiplierConfig(**BASE, lambda_min=0.5, lambda_max=3.0), LOSSES)
+  # Held at lambda_0 while warming up; at t = 3: 4^0.5 = 2; t = 4: 4 -> clipped to lambda_max 3;
+  # t = 5: 3 * 4^-1 = 0.75; t = 6: 0.75 * 4^-3 -> clipped to lambda_min 0.5.
+  _check(states, [1.0, 1.0, 2.0, 3.0, 0.75, 0.5])
+  assert [float(s["budget"]) for s in states] == [0.0, 0.0, 5.0, 5.0, 5.0, 5.0]
+
+
+def test_grows_under_budget_shrinks_over_it_without_bounds():
+  states = _run(MultiplierConfig(**BASE), LOSSES)
+  _check(states, [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64])
+
+
+def test_asymmetric_growth_rate():
+  # Growth (v < 0) at eta_up = ln 2, i.e. factor 2^0.5 per v = -0.5; shrinking still at ln 4.
+  states = _run(MultiplierConfig(**BASE, eta_up=math.log(2.0)), LOSSES)
+  _check(states, [1.0, 1.0, 2 ** 0.5, 2.0, 0.5, 0.5 / 64])
+
+
+def test_violation_clip():
+  states = _run(MultiplierConfig(**BASE, violation_clip=1.0), LOSSES)
+  # v = 3 at t = 6 is clipped to 1: factor 1/4 instead of 1/64.
+  _check(states, [1.0, 1.0, 2.0, 4.0, 1.0, 0.25], v=[0.0, 0.0, -0.5, -0.5, 1.0, 1.0])
+
+
+def test_bias_corrected_ema():
+  # m_t = .5 m_{t-1} + .5 L_t, m_0 = 0: 2, 2, 2 -> Lhat = 2 / (1 - .5^t) = 4, 8/3, 16/7; the
+  # budget is 32/7 and v_3 = -1/2 again.
+  states = _run(MultiplierConfig(**BASE, ema_init="bias_corrected"), LOSSES[:3])
+  np.testing.assert_allclose([s["ema"] for s in states], [4.0, 8 / 3, 16 / 7], rtol=1e-6)
+  np.testing.assert_allclose([s["ema_raw"] for s in states], [2.0, 2.0, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(float(states[-1]["budget"]), 32 / 7, rtol=1e-6)
+  np.testing.assert_allclose([s["lam"] for s in states], [1.0, 1.0, 2.0], rtol=1e-6)
+
+
+def test_accumulation_counts_optimizer_updates():
+  # Pairs of micro-batch losses whose means are LOSSES.
+  micro = [3.0, 5.0, 1.0, 3.0, 2.0, 2.0, 2.0, 3.0, 17.0, 18.0, 29.0, 31.0]
+  states = _run(MultiplierConfig(**BASE, accum_steps=2), micro)
+  _check(states[1::2], [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64])
+  # Mid-window: nothing but the running sum moves.
+  for i in range(0, 12, 2):
+    assert int(states[i]["updates"]) == i // 2
+    assert float(states[i]["loss_sum"]) == micro[i]
+    prev = init_multiplier(MultiplierConfig(**BASE)) if i == 0 else states[i - 1]
+    assert float(states[i]["lam"]) == float(prev["lam"])
+
+
+def test_config_validation():
+  for bad in (dict(warmup_steps=0), dict(beta=1.0), dict(ema_init="zero"),
+              dict(lambda_init=2.0, lambda_max=1.0), dict(violation_clip=0.0),
+              dict(accum_steps=0), dict(budget_ratio=-1.0), dict(eta=-0.1)):
+    with pytest.raises(ValueError, match="MultiplierConfig"):
+      MultiplierConfig(**bad)
+
+
+def test_runs_inside_make_train_step_with_accumulation():
+  """The controller as update_extra of the substrate's jitted step, under optax.MultiSteps:
+  a scalar w with loss = task + lambda * rho * w^2, the task loss fed through the batch."""
+  cfg = MultiplierConfig(**BASE, accum_steps=2)
+  micro = [3.0, 5.0, 1.0, 3.0, 2.0, 2.0, 2.0, 3.0, 17.0, 18.0, 29.0, 31.0]
+
+  def loss_fn(trainable, frozen, batch, rng, extra):
+    del frozen, rng
+    task = batch["task"] + 0.0 * trainable["w"]
+    return task + penalty_weight(extra["multiplier"]) * trainable["w"] ** 2, {"task_loss": task}
+
+  tx, _ = build_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant",
+                                          grad_clip_norm=None, accum_steps=2))
+  state = TrainState.create({"w": jnp.float32(1.0)}, tx, jax.random.PRNGKey(0),
+                            extra={"multiplier": init_multiplier(cfg)})
+  step = make_train_step(loss_fn, tx, update_extra=make_update_extra(cfg))
+  lams, losses = [], []
+  for i, task in enumerate(micro):
+    lam_before = float(state.extra["multiplier"]["lam"])
+    rho_before = float(state.extra["multiplier"]["rho"])
+    w_before = float(state.trainable["w"])
+    state, metrics = step(state, {}, {"task": jnp.float32(task)})
+    lams.append(float(metrics["extra/multiplier/lam"]))
+    np.testing.assert_allclose(float(metrics["loss"]),
+                               task + lam_before * rho_before * w_before ** 2, rtol=1e-6)
+  assert int(state.extra["multiplier"]["updates"]) == 6
+  np.testing.assert_allclose(lams[1::2], [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64], rtol=1e-6)
+  np.testing.assert_allclose(lams[0::2], [1.0, 1.0, 1.0, 2.0, 4.0, 1.0], rtol=1e-6)

@@ -21,7 +21,10 @@ from cast_jax.models.inputs import InputError, check_forward_inputs, check_token
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
-  """tokens int32 [B, N]: generated ids, pad after a row's first EOS (kept); lengths int32 [B]."""
+  """tokens int32 [B, N]: generated ids, pad after a row's first EOS (kept); lengths int32 [B].
+
+  Under a stack of M head masks both gain a leading [M] axis (`trimmed` is for [B, N] only).
+  """
 
   tokens: np.ndarray
   lengths: np.ndarray
@@ -61,9 +64,11 @@ def _select(logits: jnp.ndarray, key: jax.Array, temperature: float, top_p: floa
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "pad",
-                                             "temperature", "top_p", "adapter_fn", "cache_sharding"))
-def _generate(params, input_ids, attention_mask, key, head_mask, adapter_params, *,
+_STATIC = ("config", "max_new_tokens", "eos", "pad", "temperature", "top_p", "adapter_fn",
+           "cache_sharding")
+
+
+def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_params, *,
               config: ModelConfig, max_new_tokens: int, eos: tuple[int, ...], pad: int,
               temperature: float, top_p: float, adapter_fn: AdapterFn | None,
               cache_sharding: Any):
@@ -103,6 +108,21 @@ def _generate(params, input_ids, attention_mask, key, head_mask, adapter_params,
   return tokens, lengths
 
 
+_generate = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_per_mask(params, input_ids, attention_mask, key, head_masks, adapter_params,
+                       **static):
+  """`_generate_impl` vmapped over head_masks [M, L, H] -> tokens [M, B, N], lengths [M, B].
+
+  One program decodes the same prompts under M head masks (a batched ablation sweep): its
+  matmuls see M * B rows, and the loop runs until every row of every mask is done.
+  """
+  return jax.vmap(lambda hm: _generate_impl(params, input_ids, attention_mask, key, hm,
+                                            adapter_params, **static))(head_masks)
+
+
 def _bucket(n: int, bucket: int) -> int:
   return max(bucket, -(-n // bucket) * bucket)
 
@@ -120,14 +140,16 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
     eos_token_ids: stop ids (default: the config's); a row stops after emitting one.
     pad_token_id: filler after a row stops (default: config's pad, else 0).
     temperature: 0 for greedy; > 0 samples with `key` (required then), restricted to top_p mass.
-    head_mask [L, H], adapter_fn / adapter_params: as in `forward`.
+    head_mask [L, H], adapter_fn / adapter_params: as in `forward`. A stack of masks
+      [M, L, H] decodes the same prompts under each mask in one vmapped program (batched
+      ablation); tokens are then [M, B, max_new_tokens] and lengths [M, B].
     prompt_bucket: P is left-padded up to a multiple of this to bound recompilation.
     cache_sharding: optional sharding of the KV cache (`sharding.cache_sharding`); params and
       prompts keep whatever sharding they arrive with.
 
   Returns:
     GenerateOutput with tokens [B, max_new_tokens] and lengths [B] (max_new_tokens=0: tokens
-    [B, 0], lengths all 0).
+    [B, 0], lengths all 0); with a mask stack, [M, B, max_new_tokens] and [M, B].
 
   Raises:
     InputError (a ValueError): ids outside [0, vocab_size), mismatched mask / head_mask shapes,
@@ -143,6 +165,10 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
   mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
   if mask.shape != input_ids.shape:
     raise ValueError(f"attention_mask {mask.shape} must match input_ids {input_ids.shape}.")
+  head_masks = None
+  if head_mask is not None and np.ndim(head_mask) == 3:
+    # Each mask of the stack is checked as the [L, H] it will be inside the vmap.
+    head_masks, head_mask = head_mask, head_mask[0]
   check_forward_inputs(config, input_ids, attention_mask=mask, head_mask=head_mask,
                        where="generate")
   input_ids = input_ids.astype(np.int32)
@@ -159,14 +185,16 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
   # The pad id is embedded too (prompt padding, rows after EOS): out of range it would be NaN.
   check_token_ids(np.asarray(pad), config.vocab_size, name="pad_token_id", where="generate")
   B, P = input_ids.shape
+  lead = () if head_masks is None else (int(np.shape(head_masks)[0]),)
   if max_new_tokens == 0:
-    return GenerateOutput(np.zeros((B, 0), np.int32), np.zeros((B,), np.int32))
+    return GenerateOutput(np.zeros((*lead, B, 0), np.int32), np.zeros((*lead, B), np.int32))
   extra_pad = _bucket(P, prompt_bucket) - P
   input_ids = np.pad(input_ids, ((0, 0), (extra_pad, 0)), constant_values=pad)
   mask = np.pad(mask, ((0, 0), (extra_pad, 0)))
-  tokens, lengths = _generate(
+  run, masks = (_generate, head_mask) if head_masks is None else (_generate_per_mask, head_masks)
+  tokens, lengths = run(
       params, jnp.asarray(input_ids), jnp.asarray(mask),
-      jax.random.PRNGKey(0) if key is None else key, head_mask, adapter_params,
+      jax.random.PRNGKey(0) if key is None else key, masks, adapter_params,
       config=config, max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad),
       temperature=float(temperature), top_p=float(top_p), adapter_fn=adapter_fn,
       cache_sharding=cache_sharding)

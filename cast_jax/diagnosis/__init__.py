@@ -1,5 +1,26 @@
-"""Head-level diagnosis: ablation sweeps (and, later, per-head gradients and conflict scores)."""
+"""Head-level conflict diagnosis (CAST section 3): calibration batches, per-head gradient
+conflict, the batched single-head ablation sweep, and the scores, ranks and buckets built on
+them. Each step is a pure function; a launch script only composes them."""
 
+from cast_jax.diagnosis.calibration import (DEFAULT_REFUSAL_TARGET, MCQSet, calibration_batches,
+                                            first_target_only, safe_calibration, safe_pairs,
+                                            safety_prompt_ids, util_calibration, util_pairs)
+from cast_jax.diagnosis.conflict import (conflict_fraction, head_cosine, head_gradients,
+                                         head_vectors, optimization_conflict, query_params,
+                                         response_ce_sum)
 from cast_jax.diagnosis.head_ablation import ablate_each_head, single_head_masks
+from cast_jax.diagnosis.scores import (ConflictScores, bucket_bounds, bucket_of, buckets,
+                                       conflict_score, percentile_ranks, ranking, score_heads,
+                                       sensitivity_score)
+from cast_jax.diagnosis.sensitivity import (MCQSweep, SafetySweep, layer_head_masks, mcq_sweep,
+                                            refusals_under_masks, safety_sweep)
 
-__all__ = ["ablate_each_head", "single_head_masks"]
+__all__ = [
+    "ConflictScores", "DEFAULT_REFUSAL_TARGET", "MCQSet", "MCQSweep", "SafetySweep",
+    "ablate_each_head", "bucket_bounds", "bucket_of", "buckets", "calibration_batches",
+    "conflict_fraction", "conflict_score", "first_target_only", "head_cosine", "head_gradients",
+    "head_vectors", "layer_head_masks", "mcq_sweep", "optimization_conflict", "percentile_ranks",
+    "query_params", "ranking", "refusals_under_masks", "response_ce_sum", "safe_calibration",
+    "safe_pairs", "safety_prompt_ids", "safety_sweep", "score_heads", "sensitivity_score",
+    "single_head_masks", "util_calibration", "util_pairs",
+]

@@ -1,0 +1,162 @@
+"""Optimization conflict O(h) of CAST section 3.2: per-query-head gradients of L_safe and L_util.
+
+A head's parameters are its slice of W_q: `params["layers"]["wq"]` is [L, D, H, Dh], so one
+backward pass of a loss gives every head's gradient as `grad[l, :, h, :]` (plus `bq[l, h]` when
+the architecture has a q bias and `include_bias`). A head's gradient vector is that slice
+flattened in (D, Dh) order, the bias [Dh] appended: P = D * Dh (+ Dh) numbers per head.
+
+Losses follow the issue: summed response-token cross-entropy over the whole calibration set,
+divided by the set's number of target tokens; gradients of the per-batch sums are accumulated
+over minibatches in float32 and divided once at the end, so the result does not depend on how
+the set was cut into batches.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cast_jax.models import ModelConfig, forward
+from cast_jax.models.decoder import Params
+from cast_jax.train.losses import sft_token_nll
+
+Batch = Mapping[str, np.ndarray]
+DEFAULT_EPS = 1e-12
+
+
+def query_params(params: Params, include_bias: bool = False) -> dict[str, jnp.ndarray]:
+  """The differentiated leaves: {"wq": [L, D, H, Dh]} (+ "bq": [L, H, Dh] if asked and present)."""
+  q = {"wq": params["layers"]["wq"]}
+  if include_bias:
+    if "bq" not in params["layers"]:
+      raise ValueError("include_bias=True but the model has no q bias (config.attention_bias)")
+    q["bq"] = params["layers"]["bq"]
+  return q
+
+
+def _with_query(params: Params, q: dict[str, jnp.ndarray]) -> Params:
+  return dict(params, layers=dict(params["layers"], **q))
+
+
+def response_ce_sum(params: Params, config: ModelConfig, batch: Batch
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Summed next-token cross-entropy over response tokens and their count.
+
+  Args: batch {"input_ids", "attention_mask", "loss_mask"} int [B, T], right padded
+  (docs/design.md: loss_mask[b, t] = 1 marks token t, predicted at t - 1).
+  Returns: (float32 sum of -log p over target tokens, float32 number of target tokens).
+  """
+  logits = forward(params, config, batch["input_ids"], attention_mask=batch["attention_mask"])
+  w = jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32)
+  return jnp.sum(sft_token_nll(logits, batch["input_ids"]) * w), jnp.sum(w)
+
+
+def head_vectors(grads: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+  """{"wq": [L, D, H, Dh], optional "bq": [L, H, Dh]} -> per-head vectors [L, H, P] (module doc)."""
+  wq = grads["wq"]
+  L, D, H, Dh = wq.shape
+  vec = jnp.transpose(wq, (0, 2, 1, 3)).reshape(L, H, D * Dh)
+  if "bq" in grads:
+    vec = jnp.concatenate([vec, grads["bq"]], axis=-1)
+  return vec
+
+
+def _batch_grad_sum(params, config, batch, include_bias):
+  """Gradient of the batch's summed CE w.r.t. the query leaves, float32, and its token count."""
+
+  def loss(q):
+    return response_ce_sum(_with_query(params, q), config, batch)
+
+  g, n = jax.grad(loss, has_aux=True)(query_params(params, include_bias))
+  return jax.tree.map(lambda x: x.astype(jnp.float32), g), n
+
+
+_batch_grad_sum_jit = jax.jit(_batch_grad_sum, static_argnames=("config", "include_bias"))
+
+
+def head_gradients(params: Params, config: ModelConfig, batches: Iterable[Batch], *,
+                   include_bias: bool = False) -> tuple[jnp.ndarray, float]:
+  """Per-head gradient of L = (sum of response-token CE over all batches) / (their token count).
+
+  Args:
+    batches: training batches (`collate_train` dicts, [B, T]); equal shapes compile once.
+    include_bias: append each head's q-bias gradient (architectures with `attention_bias`).
+  Returns:
+    (float32 [L, H, P] per-head gradients (P in the module doc), total target tokens).
+  """
+  total, count = None, 0.0
+  for batch in batches:
+    g, n = _batch_grad_sum_jit(params, config, {k: jnp.asarray(v) for k, v in batch.items()},
+                               include_bias)
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+    count += float(n)
+  if total is None or count == 0:
+    raise ValueError("head_gradients: no target tokens in the calibration batches")
+  return head_vectors(total) / count, count
+
+
+def head_cosine(a: jnp.ndarray, b: jnp.ndarray, eps: float = DEFAULT_EPS) -> jnp.ndarray:
+  """cos(a[..., :], b[..., :]) over the last axis: a.b / max(|a| |b|, eps); [..., P] -> [...].
+
+  The epsilon only matters for a (near) zero gradient, whose cosine is then 0 (O = 0.5).
+  """
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  dot = jnp.sum(a * b, axis=-1)
+  norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+  return dot / jnp.maximum(norms, eps)
+
+
+def optimization_conflict(g_safe: jnp.ndarray, g_util: jnp.ndarray, eps: float = DEFAULT_EPS
+                          ) -> tuple[np.ndarray, np.ndarray]:
+  """O(h) = (1 - cos(g_safe(h), g_util(h))) / 2, Eq. 2.
+
+  Args: g_safe, g_util [L, H, P] from `head_gradients`. Returns (cos, O), float64 [L, H].
+  """
+  cos = np.asarray(head_cosine(g_safe, g_util, eps), np.float64)
+  return cos, (1.0 - cos) / 2.0
+
+
+def _example_cosines(params, config, batch, reference, include_bias, eps):
+  """cos of each row's own gradient with `reference` [L, H, P]: [B, L, H], and row has targets."""
+
+  def one(ids, attn, loss_mask):
+    row = {"input_ids": ids[None], "attention_mask": attn[None], "loss_mask": loss_mask[None]}
+    g, n = _batch_grad_sum(params, config, row, include_bias)
+    return head_cosine(head_vectors(g), reference, eps), n > 0
+
+  return jax.vmap(one)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+
+_example_cosines_jit = jax.jit(_example_cosines, static_argnames=("config", "include_bias", "eps"))
+
+
+def conflict_fraction(params: Params, config: ModelConfig, batches: Iterable[Batch],
+                      reference: jnp.ndarray, *, include_bias: bool = False,
+                      eps: float = DEFAULT_EPS) -> np.ndarray:
+  """Fraction of examples whose own gradient conflicts (cos < 0) with `reference`, per head.
+
+  Each row's gradient (of its own summed CE; the normalisation does not change a sign) comes
+  from a `jax.vmap` over the rows of a batch. Typical use: the rows of D_safe against the set
+  gradient of L_util, and the rows of D_util against that of L_safe. Rows without target
+  tokens (batch padding) are not counted.
+
+  Args:
+    batches: `collate_train` dicts [B, T]; memory grows with B times the size of W_q.
+    reference: [L, H, P] per-head gradient of the other objective (`head_gradients`).
+  Returns:
+    float64 [L, H] in [0, 1].
+  """
+  conflicts, rows = 0.0, 0
+  for batch in batches:
+    cos, real = _example_cosines_jit(params, config,
+                                     {k: jnp.asarray(v) for k, v in batch.items()},
+                                     jnp.asarray(reference), include_bias, eps)
+    cos, real = np.asarray(cos), np.asarray(real)
+    conflicts = conflicts + (cos[real] < 0).sum(axis=0)
+    rows += int(real.sum())
+  if rows == 0:
+    raise ValueError("conflict_fraction: no example with target tokens")
+  return np.asarray(conflicts, np.float64) / rows

@@ -49,7 +49,7 @@ def stop_reason(rows: Iterable[Mapping], cfg: StopConfig, budget_ratio: float) -
 
   Args:
     rows: logged metric dicts in step order, each with "step", "active_gates", "task_loss"
-      and "extra/multiplier/budget" (as `make_lcdd_loss_fn` + `make_update_extra` log them).
+      and "extra/multiplier/budget" (as `make_lcdd_train_step` logs them).
     cfg: the StopConfig.
     budget_ratio: the controller's r (budget = (1 + r) * baseline).
 

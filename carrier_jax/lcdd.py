@@ -2,8 +2,10 @@
 
 Training state: `trainable` is the carrier {"gates", "delta"} (`carrier_jax.delta`), `frozen`
 the whole base model (embeddings, norms, LM head and the W_base matrices: nothing outside the
-carrier moves), and `extra[multiplier_key]` the controller state (`carrier_jax.multiplier`),
-advanced by `make_update_extra` after every optimizer update.
+carrier moves), and the controller (`carrier_jax.multiplier`) a transformation chained in front
+of the gate / delta optimizers, so its state is part of `opt_state`. `make_lcdd_train_step`
+wires the three seams of `make_train_step`: the task loss goes to the controller as `value`, the
+controller state comes back to the loss as `extra["multiplier"]`, and it is logged every step.
 
 Per step (Algorithm 1, line 9): L = L_task + lambda_t * rho_t * sum_i sigmoid(theta_i), with the
 task loss the SFT cross-entropy of the response tokens under the gated model. lambda_t * rho_t
@@ -25,9 +27,10 @@ import optax
 
 from carrier_jax.delta import apply_carrier
 from carrier_jax.gates import count_active, sparsity_loss
-from carrier_jax.multiplier import penalty_weight
+from carrier_jax.multiplier import (MultiplierConfig, multiplier_controller, multiplier_view,
+                                    penalty_weight)
 from cast_jax import models
-from cast_jax.train import OptimizerConfig, build_optimizer, sft_loss
+from cast_jax.train import OptimizerConfig, build_optimizer, make_train_step, sft_loss
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
@@ -82,20 +85,23 @@ class GateOptimizerConfig:
 
 def build_lcdd_optimizer(delta: OptimizerConfig | None,
                          gates: GateOptimizerConfig = GateOptimizerConfig(), *,
-                         accum_steps: int = 1) -> optax.GradientTransformation:
-  """Gates on SGD, deltas on the substrate's AdamW (schedule, clipping), via multi_transform.
+                         multiplier: MultiplierConfig = MultiplierConfig(),
+                         accum_steps: int = 1) -> optax.GradientTransformationExtraArgs:
+  """The controller, then gates on SGD and deltas on the substrate's AdamW via multi_transform.
 
   Args:
     delta: the dW optimizer (its accum_steps must be 1; accumulation is `accum_steps` here, so
       gates and deltas update on the same calls); None freezes dW at its initial value
       (mask-only LCDD, Appendix E).
     gates: the gate-logit SGD settings.
-    accum_steps: micro-batches per optimizer update (optax.MultiSteps around both groups);
-      give the multiplier the same number.
+    multiplier: the adaptive-multiplier settings.
+    accum_steps: micro-batches per optimizer update (optax.MultiSteps around both groups; the
+      controller, outside it, accumulates the task loss over the same window).
 
   Returns:
-    a GradientTransformation over a carrier {"gates": ..., "delta": ...}. Gradient clipping,
-    if `delta` asks for it, applies to the dW gradients only.
+    `chain(multiplier_controller, [MultiSteps](multi_transform))` over a carrier {"gates": ...,
+    "delta": ...}; its update needs `value=` the task loss (`make_lcdd_train_step` passes it).
+    Gradient clipping, if `delta` asks for it, applies to the dW gradients only.
   """
   if delta is not None and delta.accum_steps != 1:
     raise ValueError("build_lcdd_optimizer: set accumulation with accum_steps=, not in the "
@@ -109,4 +115,27 @@ def build_lcdd_optimizer(delta: OptimizerConfig | None,
     return {group: jax.tree.map(lambda _: group, sub) for group, sub in carrier.items()}
 
   tx = optax.multi_transform({"gates": gate_tx, "delta": delta_tx}, labels)
-  return optax.MultiSteps(tx, every_k_schedule=accum_steps) if accum_steps > 1 else tx
+  if accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
+  return optax.chain(multiplier_controller(multiplier, accum_steps), tx)
+
+
+def make_lcdd_train_step(config: models.ModelConfig, tx: optax.GradientTransformationExtraArgs,
+                         **kwargs) -> Callable:
+  """`make_train_step` for LCDD: `train_step(state, base_params, batch) -> (state, metrics)`.
+
+  Args:
+    config: the model config.
+    tx: from `build_lcdd_optimizer` (the TrainState's opt_state must be `tx.init(carrier)`;
+      `state.extra` stays {}).
+    **kwargs: passed to `make_train_step` (donate, jit, compute_dtype, ...), except
+      `remat` and `per_sequence`, which go to `make_lcdd_loss_fn`.
+
+  Returns:
+    the train step; its metrics add "extra/multiplier/<field>" (the controller after the
+    step) to `make_lcdd_loss_fn`'s.
+  """
+  loss_kw = {k: kwargs.pop(k) for k in ("remat", "per_sequence") if k in kwargs}
+  return make_train_step(make_lcdd_loss_fn(config, **loss_kw), tx,
+                         tx_extra_args=lambda m: {"value": m["task_loss"]},
+                         opt_state_view=multiplier_view, **kwargs)

@@ -24,13 +24,22 @@ Choices where Algorithm 1 is silent or the paper adds variants:
   * `violation_clip`: optional |v_t| <= c, bounding one update's factor to exp(eta * c).
   * beta: 0.95 default, 0.90 for F.2's Qwen / Vicuna safety and Shakespeare runs.
 
-With gradient accumulation (`accum_steps` = k micro-batches per optimizer update, as
-`optax.MultiSteps` in `cast_jax.train.step`) the controller counts optimizer updates: it sums the
-task loss over the k micro-steps and updates once, on the k-th, with their mean; lambda and
-rho stay fixed inside the window.
+The controller is an `optax.GradientTransformationExtraArgs` (`multiplier_controller`): it
+passes the gradient updates through untouched and advances its state from the keyword argument
+`value`, the micro-batch's task loss, which `make_train_step(tx_extra_args=...)` hands to
+`tx.update`. Its state therefore lives in (and is checkpointed with) the optimizer state, and a
+non-finite step, which keeps the old optimizer state, leaves it untouched too. The loss reads
+lambda * rho from it through `make_train_step(opt_state_view=multiplier_view)`.
 
-The state is a flat dict of scalars, so `make_train_step` logs all of it ("extra/<name>") and
-checkpoints it with the train state:
+With gradient accumulation (k micro-batches per optimizer update) the controller counts
+optimizer updates: it sums the task loss over the k micro-steps and updates once, on the k-th,
+with their mean; lambda and rho stay fixed inside the window. It must sit outside
+`optax.MultiSteps` (as `build_lcdd_optimizer` places it): MultiSteps keeps its inner state only
+from the emitting micro-step and forwards only that micro-step's extra arguments, so an inner
+controller would see the last micro-batch's loss instead of the window's mean.
+
+State (`MultiplierState`, float32 scalars unless noted; the view logs them as
+"extra/multiplier/<name>"):
   lam       lambda in effect for the next update (lambda_t)
   rho       rho in effect for the next update
   ema       Lhat_t (bias-corrected when ema_init="bias_corrected")
@@ -38,6 +47,7 @@ checkpoints it with the train state:
   budget    eps (0 until fixed at t = T_w)
   violation v_t of the last update (0 during warmup)
   updates   t, optimizer updates so far (int32)
+  micro     micro-steps into the current accumulation window (int32, 0 when k = 1)
   loss_sum  task loss summed over the current accumulation window
 """
 
@@ -45,13 +55,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 EMA_INITS = ("first", "bias_corrected")
-State = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +79,6 @@ class MultiplierConfig:
   lambda_max: float = math.inf
   violation_clip: float | None = None
   ema_init: str = "first"
-  accum_steps: int = 1
-  loss_key: str = "task_loss"
 
   def __post_init__(self):
     def bad(field, fix):
@@ -90,83 +98,116 @@ class MultiplierConfig:
       bad("violation_clip", "use a value > 0, or None")
     if self.ema_init not in EMA_INITS:
       bad("ema_init", f"choose from {EMA_INITS}")
-    if int(self.accum_steps) != self.accum_steps or self.accum_steps < 1:
-      bad("accum_steps", "use an integer >= 1")
 
 
-def init_multiplier(cfg: MultiplierConfig) -> State:
-  """The controller state before the first update (all float32 scalars, `updates` int32)."""
+class MultiplierState(NamedTuple):
+  """The controller state (see the module docstring for the fields)."""
+
+  lam: jax.Array
+  rho: jax.Array
+  ema: jax.Array
+  ema_raw: jax.Array
+  budget: jax.Array
+  violation: jax.Array
+  updates: jax.Array
+  micro: jax.Array
+  loss_sum: jax.Array
+
+
+def init_multiplier(cfg: MultiplierConfig) -> MultiplierState:
+  """The controller state before the first update (all float32 scalars, the counts int32)."""
   f = lambda x: jnp.asarray(x, jnp.float32)
-  return {"lam": f(cfg.lambda_init), "rho": f(min(1.0, 1.0 / cfg.warmup_steps)),
-          "ema": f(0.0), "ema_raw": f(0.0), "budget": f(0.0), "violation": f(0.0),
-          "updates": jnp.asarray(0, jnp.int32), "loss_sum": f(0.0)}
+  i = lambda x: jnp.asarray(x, jnp.int32)
+  return MultiplierState(lam=f(cfg.lambda_init), rho=f(min(1.0, 1.0 / cfg.warmup_steps)),
+                         ema=f(0.0), ema_raw=f(0.0), budget=f(0.0), violation=f(0.0),
+                         updates=i(0), micro=i(0), loss_sum=f(0.0))
 
 
-def penalty_weight(state: State) -> jax.Array:
-  """lambda_t * rho_t, the weight of L_sparsity in this update's loss (Algorithm 1, line 9)."""
+def penalty_weight(state: MultiplierState | Mapping[str, jax.Array]) -> jax.Array:
+  """lambda_t * rho_t, the weight of L_sparsity in this update's loss (Algorithm 1, line 9).
+
+  `state` is a MultiplierState or its `_asdict()` (what `multiplier_view` hands the loss)."""
+  if isinstance(state, MultiplierState):
+    state = state._asdict()
   return state["lam"] * state["rho"]
 
 
-def _controller_update(cfg: MultiplierConfig, state: State, task_loss: jax.Array) -> State:
-  """One optimizer update t = state["updates"] + 1 with its mean task loss."""
-  t = state["updates"] + 1
+def _controller_update(cfg: MultiplierConfig, state: MultiplierState, task_loss: jax.Array
+                       ) -> MultiplierState:
+  """One optimizer update t = state.updates + 1 with its mean task loss."""
+  t = state.updates + 1
   tf = t.astype(jnp.float32)
   beta = jnp.float32(cfg.beta)
   if cfg.ema_init == "first":
-    raw = jnp.where(t == 1, task_loss, beta * state["ema_raw"] + (1 - beta) * task_loss)
+    raw = jnp.where(t == 1, task_loss, beta * state.ema_raw + (1 - beta) * task_loss)
     ema = raw
   else:
-    raw = beta * state["ema_raw"] + (1 - beta) * task_loss
+    raw = beta * state.ema_raw + (1 - beta) * task_loss
     ema = raw / (1 - beta ** tf)
-  budget = jnp.where(t == cfg.warmup_steps, ema * (1 + cfg.budget_ratio), state["budget"])
+  budget = jnp.where(t == cfg.warmup_steps, ema * (1 + cfg.budget_ratio), state.budget)
   engaged = t >= cfg.warmup_steps
   v = jnp.where(engaged, (ema - budget) / jnp.where(engaged, budget, 1.0), 0.0)
   if cfg.violation_clip is not None:
     v = jnp.clip(v, -cfg.violation_clip, cfg.violation_clip)
   eta = cfg.eta if cfg.eta_up is None else jnp.where(v < 0, cfg.eta_up, cfg.eta)
-  lam = jnp.clip(state["lam"] * jnp.exp(-eta * v), cfg.lambda_min, cfg.lambda_max)
-  lam = jnp.where(engaged, lam, state["lam"])
+  lam = jnp.clip(state.lam * jnp.exp(-eta * v), cfg.lambda_min, cfg.lambda_max)
+  lam = jnp.where(engaged, lam, state.lam)
   rho = jnp.minimum(1.0, (tf + 1) / cfg.warmup_steps)
   f = lambda x: jnp.asarray(x, jnp.float32)
-  return {"lam": f(lam), "rho": f(rho), "ema": f(ema), "ema_raw": f(raw), "budget": f(budget),
-          "violation": f(v), "updates": t.astype(jnp.int32), "loss_sum": f(0.0)}
+  return MultiplierState(lam=f(lam), rho=f(rho), ema=f(ema), ema_raw=f(raw), budget=f(budget),
+                         violation=f(v), updates=t.astype(jnp.int32),
+                         micro=jnp.zeros((), jnp.int32), loss_sum=f(0.0))
 
 
-def update_multiplier(cfg: MultiplierConfig, state: State, task_loss: jax.Array,
-                      step: jax.Array) -> State:
-  """The controller after train-step call `step` (0-based micro-step) with its task loss.
+def multiplier_controller(cfg: MultiplierConfig, accum_steps: int = 1
+                          ) -> optax.GradientTransformationExtraArgs:
+  """The adaptive multiplier as an optax transformation (identity on the updates).
 
   Args:
-    cfg: the settings.
-    state: from `init_multiplier` or a previous call.
-    task_loss: float scalar, this micro-batch's task loss (before the sparsity term).
-    step: int scalar, the train state's step before this call (0, 1, ...); with
-      accum_steps = k the update happens on calls with (step + 1) % k == 0, where
-      optax.MultiSteps applies its update.
+    cfg: the controller settings.
+    accum_steps: k, micro-batches per optimizer update (the MultiSteps k of the optimizer it is
+      chained with); the controller updates on every k-th call with the window's mean loss.
 
   Returns:
-    the new state (same structure and dtypes; jit-traceable).
+    a GradientTransformationExtraArgs: `init(params) -> MultiplierState` (params unused) and
+    `update(updates, state, params=None, *, value) -> (updates, new_state)`, `value` the float
+    scalar task loss of this micro-batch (before the sparsity term). Jit-traceable.
   """
-  loss_sum = state["loss_sum"] + jnp.asarray(task_loss, jnp.float32)
-  accumulated = dict(state, loss_sum=loss_sum)
-  k = int(cfg.accum_steps)
-  if k == 1:
-    return _controller_update(cfg, accumulated, loss_sum)
-  boundary = (jnp.asarray(step) + 1) % k == 0
-  return jax.lax.cond(boundary, lambda s: _controller_update(cfg, s, s["loss_sum"] / k),
-                      lambda s: s, accumulated)
+  if int(accum_steps) != accum_steps or accum_steps < 1:
+    raise ValueError(f"multiplier_controller: accum_steps={accum_steps!r}; use an integer >= 1.")
+  k = int(accum_steps)
+
+  def init_fn(params):
+    del params
+    return init_multiplier(cfg)
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    if value is None:
+      raise TypeError("multiplier_controller: tx.update needs value=<task loss>; build the step "
+                      "with make_train_step(tx_extra_args=lambda m: {'value': m['task_loss']}).")
+    loss_sum = state.loss_sum + jnp.asarray(value, jnp.float32)
+    if k == 1:
+      return updates, _controller_update(cfg, state, loss_sum)
+    acc = state._replace(loss_sum=loss_sum, micro=state.micro + 1)
+    new = jax.lax.cond(state.micro == k - 1,
+                       lambda s: _controller_update(cfg, s, s.loss_sum / k), lambda s: s, acc)
+    return updates, new
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def make_update_extra(cfg: MultiplierConfig, key: str = "multiplier"
-                      ) -> Callable[[dict, dict, jax.Array], dict]:
-  """`update_extra(extra, metrics, step) -> extra` for `cast_jax.train.make_train_step`.
+def find_multiplier_state(opt_state: Any) -> MultiplierState:
+  """The (single) MultiplierState inside an optimizer state, e.g. a chain's."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MultiplierState))
+           if isinstance(x, MultiplierState)]
+  if len(found) != 1:
+    raise ValueError(f"find_multiplier_state: the optimizer state holds {len(found)} "
+                     "multiplier states; build it with exactly one multiplier_controller.")
+  return found[0]
 
-  The controller state lives at `extra[key]`; it reads `metrics[cfg.loss_key]` (the loss_fn
-  must report its task loss there, not the penalised total). Other entries of `extra` pass
-  through unchanged.
-  """
 
-  def update_extra(extra, metrics, step):
-    return {**extra, key: update_multiplier(cfg, extra[key], metrics[cfg.loss_key], step)}
-
-  return update_extra
+def multiplier_view(opt_state: Any, key: str = "multiplier") -> dict[str, dict[str, jax.Array]]:
+  """`opt_state_view` for `cast_jax.train.make_train_step`: {key: the controller state as a
+  dict of scalars}, which the LCDD loss reads (`extra[key]`) and the step logs."""
+  return {key: find_multiplier_state(opt_state)._asdict()}

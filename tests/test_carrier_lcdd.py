@@ -11,10 +11,11 @@ import pytest
 
 from carrier_jax.delta import gate_shapes, init_carrier
 from carrier_jax.early_stop import StopConfig, make_stop_fn
-from carrier_jax.lcdd import GateOptimizerConfig, build_lcdd_optimizer, make_lcdd_loss_fn
-from carrier_jax.multiplier import MultiplierConfig, init_multiplier, make_update_extra
+from carrier_jax.lcdd import (GateOptimizerConfig, build_lcdd_optimizer, make_lcdd_loss_fn,
+                              make_lcdd_train_step)
+from carrier_jax.multiplier import MultiplierConfig, find_multiplier_state, init_multiplier
 from cast_jax.models import ModelConfig, forward, init_params
-from cast_jax.train import OptimizerConfig, TrainState, make_train_step, sft_loss, train
+from cast_jax.train import OptimizerConfig, TrainState, sft_loss, train
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=8, intermediate_size=12,
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4)
@@ -38,7 +39,7 @@ def _setup(seed=0):
 
 def test_loss_is_task_ce_plus_weighted_sigmoid_sum():
   base, ft, car, batch = _setup()
-  extra = {"multiplier": init_multiplier(MCFG)}  # lambda 2, rho 1/2: weight 1
+  extra = {"multiplier": init_multiplier(MCFG)._asdict()}  # lambda 2, rho 1/2: weight 1
   loss, metrics = jax.jit(make_lcdd_loss_fn(CONFIG))(car, base, batch, jax.random.PRNGKey(0),
                                                      extra)
   # init_params gives both models unit norms, so ft's layers under base's embed / head is the
@@ -63,11 +64,11 @@ def _grads(car, base, batch, extra):
 def test_one_step_sgd_on_gates_adamw_on_deltas():
   base, _, car, batch = _setup(1)
   tx = build_lcdd_optimizer(OptimizerConfig(learning_rate=1e-3, schedule="constant",
-                                            grad_clip_norm=None), GateOptimizerConfig(0.1))
-  extra = {"multiplier": init_multiplier(MCFG)}
-  state = TrainState.create(car, tx, jax.random.PRNGKey(0), extra=extra)
-  step = make_train_step(make_lcdd_loss_fn(CONFIG), tx, update_extra=make_update_extra(MCFG),
-                         donate=False)
+                                            grad_clip_norm=None), GateOptimizerConfig(0.1),
+                             multiplier=MCFG)
+  extra = {"multiplier": init_multiplier(MCFG)._asdict()}
+  state = TrainState.create(car, tx, jax.random.PRNGKey(0))
+  step = make_lcdd_train_step(CONFIG, tx, donate=False)
   new, metrics = step(state, base, batch)
   g = _grads(car, base, batch, extra)
   for name, t in car["gates"].items():
@@ -79,18 +80,16 @@ def test_one_step_sgd_on_gates_adamw_on_deltas():
     want = np.asarray(d, np.float64) - 1e-3 * gd / (np.abs(gd) + 1e-8)
     np.testing.assert_allclose(new.trainable["delta"][name], want, rtol=1e-5, atol=1e-8,
                                err_msg=name)
-  assert int(new.extra["multiplier"]["updates"]) == 1
+  assert int(find_multiplier_state(new.opt_state).updates) == 1
   np.testing.assert_allclose(float(metrics["extra/multiplier/ema"]), float(metrics["task_loss"]),
                              rtol=1e-7)
 
 
 def test_mask_only_freezes_the_deltas():
   base, _, car, batch = _setup(2)
-  tx = build_lcdd_optimizer(None)
-  state = TrainState.create(car, tx, jax.random.PRNGKey(0),
-                            extra={"multiplier": init_multiplier(MCFG)})
-  step = make_train_step(make_lcdd_loss_fn(CONFIG), tx, update_extra=make_update_extra(MCFG),
-                         donate=False)
+  tx = build_lcdd_optimizer(None, multiplier=MCFG)
+  state = TrainState.create(car, tx, jax.random.PRNGKey(0))
+  step = make_lcdd_train_step(CONFIG, tx, donate=False)
   new = state
   for _ in range(2):
     new, _ = step(new, base, batch)
@@ -101,19 +100,16 @@ def test_mask_only_freezes_the_deltas():
 
 def test_accumulation_updates_gates_and_deltas_together():
   base, _, car, batch = _setup(3)
-  mcfg = MultiplierConfig(warmup_steps=2, accum_steps=2)
   tx = build_lcdd_optimizer(OptimizerConfig(learning_rate=1e-3, schedule="constant"),
-                            accum_steps=2)
-  state = TrainState.create(car, tx, jax.random.PRNGKey(0),
-                            extra={"multiplier": init_multiplier(mcfg)})
-  step = make_train_step(make_lcdd_loss_fn(CONFIG), tx, update_extra=make_update_extra(mcfg),
-                         donate=False)
+                            multiplier=MultiplierConfig(warmup_steps=2), accum_steps=2)
+  state = TrainState.create(car, tx, jax.random.PRNGKey(0))
+  step = make_lcdd_train_step(CONFIG, tx, donate=False)
   mid, _ = step(state, base, batch)
   for a, b in zip(jax.tree.leaves(mid.trainable), jax.tree.leaves(car)):
     np.testing.assert_array_equal(a, b)
-  assert int(mid.extra["multiplier"]["updates"]) == 0
+  assert int(find_multiplier_state(mid.opt_state).updates) == 0
   end, _ = step(mid, base, batch)
-  assert int(end.extra["multiplier"]["updates"]) == 1
+  assert int(find_multiplier_state(end.opt_state).updates) == 1
   for part in ("gates", "delta"):
     assert any(not np.array_equal(a, b) for a, b in
                zip(jax.tree.leaves(end.trainable[part]), jax.tree.leaves(car[part]))), part
@@ -134,10 +130,10 @@ def test_train_loop_logs_the_controller_and_stops_on_the_stall_rule():
   post-warmup one (T_w = 1) counts as stalled, so the run stops at step 2 of 5."""
   base, _, car, batch = _setup(4)
   mcfg = MultiplierConfig(warmup_steps=1, budget_ratio=0.3)
-  tx = build_lcdd_optimizer(OptimizerConfig(learning_rate=1e-3, schedule="constant"))
-  state = TrainState.create(car, tx, jax.random.PRNGKey(0),
-                            extra={"multiplier": init_multiplier(mcfg)})
-  step = make_train_step(make_lcdd_loss_fn(CONFIG), tx, update_extra=make_update_extra(mcfg))
+  tx = build_lcdd_optimizer(OptimizerConfig(learning_rate=1e-3, schedule="constant"),
+                            multiplier=mcfg)
+  state = TrainState.create(car, tx, jax.random.PRNGKey(0))
+  step = make_lcdd_train_step(CONFIG, tx)
   rows = []
   stop = make_stop_fn(StopConfig(window=1, stall_ratio=1.0, patience=1, breach_ratio=None),
                       mcfg.budget_ratio)
@@ -149,7 +145,7 @@ def test_train_loop_logs_the_controller_and_stops_on_the_stall_rule():
   state, summary = train(step, state, base, lambda start: itertools.repeat(batch),
                          num_steps=5, log_every=1, progress=False, stop_fn=stop_fn)
   assert summary["final_step"] == 2 and summary["stop_reason"].startswith("sparsity_stall")
-  assert int(state.extra["multiplier"]["updates"]) == 2
+  assert int(find_multiplier_state(state.opt_state).updates) == 2
   np.testing.assert_allclose(rows[0]["extra/multiplier/budget"], 1.3 * rows[0]["task_loss"],
                              rtol=1e-6)
   assert {"extra/multiplier/lam", "extra/multiplier/rho", "extra/multiplier/ema",

@@ -9,10 +9,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from carrier_jax.multiplier import (MultiplierConfig, init_multiplier, make_update_extra,
-                                    penalty_weight, update_multiplier)
+from carrier_jax.multiplier import (MultiplierConfig, find_multiplier_state, init_multiplier,
+                                    multiplier_controller, multiplier_view, penalty_weight)
 from cast_jax.train import OptimizerConfig, TrainState, build_optimizer, make_train_step
 
 LOSSES = [4.0, 2.0, 2.0, 2.5, 17.5, 30.0]
@@ -24,12 +25,16 @@ RHO = [2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0]  # rho for the *next* update, min(1, (t +
 BASE = dict(budget_ratio=1.0, lambda_init=1.0, eta=math.log(4.0), warmup_steps=3, beta=0.5)
 
 
-def _run(cfg, losses, steps=None):
-  update = jax.jit(lambda s, l, t: update_multiplier(cfg, s, l, t))
-  state, out = init_multiplier(cfg), []
-  for i, loss in enumerate(losses):
-    state = update(state, jnp.float32(loss), jnp.int32(i if steps is None else steps[i]))
-    out.append(jax.tree.map(np.asarray, state))
+def _run(cfg, losses, accum_steps=1):
+  """The controller's state (as a dict) after each `tx.update(value=loss)`."""
+  tx = multiplier_controller(cfg, accum_steps)
+  grads = {"w": jnp.ones(3)}
+  update = jax.jit(lambda s, l: tx.update(grads, s, value=l))
+  state, out = tx.init(grads), []
+  for loss in losses:
+    passed, state = update(state, jnp.float32(loss))
+    np.testing.assert_array_equal(passed["w"], grads["w"])  # identity on the updates
+    out.append(jax.tree.map(np.asarray, state._asdict()))
   return out
 
 
@@ -43,8 +48,8 @@ def _check(states, lam, ema=EMA, v=V):
 
 def test_initial_state():
   s = init_multiplier(MultiplierConfig(**BASE))
-  assert float(s["lam"]) == 1.0 and int(s["updates"]) == 0
-  np.testing.assert_allclose(float(s["rho"]), 1 / 3, rtol=1e-7)
+  assert float(s.lam) == 1.0 and int(s.updates) == 0
+  np.testing.assert_allclose(float(s.rho), 1 / 3, rtol=1e-7)
   np.testing.assert_allclose(float(penalty_weight(s)), 1 / 3, rtol=1e-7)
 
 
@@ -86,28 +91,45 @@ def test_bias_corrected_ema():
 def test_accumulation_counts_optimizer_updates():
   # Pairs of micro-batch losses whose means are LOSSES.
   micro = [3.0, 5.0, 1.0, 3.0, 2.0, 2.0, 2.0, 3.0, 17.0, 18.0, 29.0, 31.0]
-  states = _run(MultiplierConfig(**BASE, accum_steps=2), micro)
+  states = _run(MultiplierConfig(**BASE), micro, accum_steps=2)
   _check(states[1::2], [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64])
-  # Mid-window: nothing but the running sum moves.
+  # Mid-window: nothing but the running sum (and the micro-step count) moves.
   for i in range(0, 12, 2):
-    assert int(states[i]["updates"]) == i // 2
+    assert int(states[i]["updates"]) == i // 2 and int(states[i]["micro"]) == 1
     assert float(states[i]["loss_sum"]) == micro[i]
-    prev = init_multiplier(MultiplierConfig(**BASE)) if i == 0 else states[i - 1]
+    prev = init_multiplier(MultiplierConfig(**BASE))._asdict() if i == 0 else states[i - 1]
     assert float(states[i]["lam"]) == float(prev["lam"])
+
+
+def test_inside_multisteps_it_would_see_only_the_last_micro_loss():
+  """Why the controller sits outside optax.MultiSteps: MultiSteps forwards the extra args of
+  the emitting micro-step only. Inside it (k = 2), update 1 sees L = 5, not the mean 4."""
+  tx = optax.MultiSteps(multiplier_controller(MultiplierConfig(**BASE)), every_k_schedule=2)
+  grads = {"w": jnp.ones(3)}
+  state = tx.init(grads)
+  for loss in (3.0, 5.0):
+    _, state = tx.update(grads, state, grads, value=jnp.float32(loss))
+  inner = find_multiplier_state(state)
+  assert int(inner.updates) == 1 and float(inner.ema) == 5.0
 
 
 def test_config_validation():
   for bad in (dict(warmup_steps=0), dict(beta=1.0), dict(ema_init="zero"),
               dict(lambda_init=2.0, lambda_max=1.0), dict(violation_clip=0.0),
-              dict(accum_steps=0), dict(budget_ratio=-1.0), dict(eta=-0.1)):
+              dict(budget_ratio=-1.0), dict(eta=-0.1)):
     with pytest.raises(ValueError, match="MultiplierConfig"):
       MultiplierConfig(**bad)
+  with pytest.raises(ValueError, match="accum_steps"):
+    multiplier_controller(MultiplierConfig(), accum_steps=0)
+  tx = multiplier_controller(MultiplierConfig())
+  with pytest.raises(TypeError, match="value="):
+    tx.update({}, tx.init({}))
 
 
 def test_runs_inside_make_train_step_with_accumulation():
-  """The controller as update_extra of the substrate's jitted step, under optax.MultiSteps:
-  a scalar w with loss = task + lambda * rho * w^2, the task loss fed through the batch."""
-  cfg = MultiplierConfig(**BASE, accum_steps=2)
+  """The controller chained in front of the substrate's AdamW under optax.MultiSteps, driven by
+  the jitted step: a scalar w with loss = task + lambda * rho * w^2, the task loss fed through
+  the batch and handed to the controller as `value`; lambda read back through the view."""
   micro = [3.0, 5.0, 1.0, 3.0, 2.0, 2.0, 2.0, 3.0, 17.0, 18.0, 29.0, 31.0]
 
   def loss_fn(trainable, frozen, batch, rng, extra):
@@ -115,20 +137,21 @@ def test_runs_inside_make_train_step_with_accumulation():
     task = batch["task"] + 0.0 * trainable["w"]
     return task + penalty_weight(extra["multiplier"]) * trainable["w"] ** 2, {"task_loss": task}
 
-  tx, _ = build_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant",
-                                          grad_clip_norm=None, accum_steps=2))
-  state = TrainState.create({"w": jnp.float32(1.0)}, tx, jax.random.PRNGKey(0),
-                            extra={"multiplier": init_multiplier(cfg)})
-  step = make_train_step(loss_fn, tx, update_extra=make_update_extra(cfg))
-  lams, losses = [], []
-  for i, task in enumerate(micro):
-    lam_before = float(state.extra["multiplier"]["lam"])
-    rho_before = float(state.extra["multiplier"]["rho"])
+  adamw, _ = build_optimizer(OptimizerConfig(learning_rate=0.1, schedule="constant",
+                                             grad_clip_norm=None, accum_steps=2))
+  tx = optax.chain(multiplier_controller(MultiplierConfig(**BASE), accum_steps=2), adamw)
+  state = TrainState.create({"w": jnp.float32(1.0)}, tx, jax.random.PRNGKey(0))
+  step = make_train_step(loss_fn, tx, tx_extra_args=lambda m: {"value": m["task_loss"]},
+                         opt_state_view=multiplier_view)
+  lams = []
+  for task in micro:
+    ctrl = find_multiplier_state(state.opt_state)
+    lam_before, rho_before = float(ctrl.lam), float(ctrl.rho)
     w_before = float(state.trainable["w"])
     state, metrics = step(state, {}, {"task": jnp.float32(task)})
     lams.append(float(metrics["extra/multiplier/lam"]))
     np.testing.assert_allclose(float(metrics["loss"]),
                                task + lam_before * rho_before * w_before ** 2, rtol=1e-6)
-  assert int(state.extra["multiplier"]["updates"]) == 6
+  assert int(find_multiplier_state(state.opt_state).updates) == 6 and state.extra == {}
   np.testing.assert_allclose(lams[1::2], [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64], rtol=1e-6)
   np.testing.assert_allclose(lams[0::2], [1.0, 1.0, 1.0, 2.0, 4.0, 1.0], rtol=1e-6)

@@ -107,6 +107,43 @@ def test_update_extra_runs_in_step_with_metrics():
   np.testing.assert_allclose(float(state.extra["lam"]), lam, rtol=1e-5)
 
 
+def test_tx_extra_args_and_opt_state_view():
+  """A transformation that reads the step's loss as an extra arg and keeps a running sum in its
+  state; the loss_fn sees that sum through opt_state_view, and it is logged as extra/<path>."""
+
+  def loss_sum_tx():
+    def update(updates, state, params=None, *, value, **extra):
+      del params, extra
+      return updates, {"sum": state["sum"] + value, "n": state["n"] + 1}
+
+    return optax.GradientTransformationExtraArgs(
+        lambda params: {"sum": jnp.float32(0), "n": jnp.int32(0)}, update)
+
+  tx = optax.chain(loss_sum_tx(), optax.sgd(0.05))
+  seen = []
+
+  def loss_fn(trainable, frozen, batch, rng, extra):
+    loss, metrics = toy_loss(trainable, frozen, batch, rng, extra)
+    return loss, {**metrics, "sum_before": extra["acc"]["sum"]}
+
+  trainable, frozen = partition(toy_params(), TOY_MASK)
+  state = TrainState.create(trainable, tx, jax.random.PRNGKey(0))
+  step = make_train_step(loss_fn, tx, tx_extra_args=lambda m: {"value": m["mse"]},
+                         opt_state_view=lambda s: {"acc": s[0]})
+  total = 0.0
+  for i in range(3):
+    state, m = step(state, frozen, toy_batch(i))
+    np.testing.assert_allclose(float(m["sum_before"]), total, rtol=1e-6)
+    total += float(m["mse"])
+    seen.append(float(m["extra/acc/sum"]))
+  np.testing.assert_allclose(seen[-1], total, rtol=1e-6)
+  assert int(state.opt_state[0]["n"]) == 3 and state.extra == {}
+  bad = make_train_step(loss_fn, tx, tx_extra_args=lambda m: {"value": m["mse"]},
+                        opt_state_view=lambda s: {"acc": s[0]}, jit=False)
+  with pytest.raises(ValueError, match="opt_state_view names \\['acc'\\]"):
+    bad(state.replace(extra={"acc": 0.0}), frozen, toy_batch(0))
+
+
 def test_bf16_compute_keeps_fp32_master_weights():
   seen = []
 

@@ -27,9 +27,11 @@ class TrainState:
     step: int32 scalar, number of micro-steps (train_step calls) applied so far; it is also the
       data position (batches are indexed by step).
     trainable: the optimised pytree (fp32 master weights).
-    opt_state: the optax state of `tx` over `trainable`.
-    extra: free pytree updated inside the jitted step by `update_extra` (e.g. the LCDD lambda
-      controller); `{}` when unused.
+    opt_state: the optax state of `tx` over `trainable` (including the state of any
+      transformation that reads extra args, e.g. the LCDD multiplier; see `make_train_step`'s
+      `tx_extra_args` / `opt_state_view`).
+    extra: free pytree updated inside the jitted step by `update_extra` (e.g. a running
+      statistic); `{}` when unused.
     rng: uint32[2] base PRNG key; each step uses `fold_in(rng, step)`, so the key stream is a pure
       function of (seed, step) and resumes exactly.
   """

@@ -16,6 +16,8 @@ PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Any, jax.Array, PyTree], tuple[jax.Array, dict]]
 GradFn = Callable[[PyTree, PyTree, Any, jax.Array, PyTree], tuple[PyTree, jax.Array, dict]]
 UpdateExtraFn = Callable[[PyTree, dict, jax.Array], PyTree]
+TxExtraArgsFn = Callable[[dict], dict]
+OptStateViewFn = Callable[[PyTree], dict]
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -124,7 +126,9 @@ def _scalar_leaves(extra: PyTree) -> dict[str, jax.Array]:
 
 def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
                     grad_fn: GradFn | None = None, update_extra: UpdateExtraFn | None = None,
-                    compute_dtype: Any = None, donate: bool = True, jit: bool = True
+                    tx_extra_args: TxExtraArgsFn | None = None,
+                    opt_state_view: OptStateViewFn | None = None, compute_dtype: Any = None,
+                    donate: bool = True, jit: bool = True
                     ) -> Callable[[TrainState, PyTree, Any], tuple[TrainState, dict]]:
   """Builds `train_step(state, frozen, batch) -> (new_state, metrics)`.
 
@@ -137,7 +141,16 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
       does its own casting; default: `jax.value_and_grad` of `loss_fn`.
     update_extra: optional `update_extra(extra, metrics, step) -> extra`, run after the
       optimizer update with the loss_fn metrics plus "loss" and "grad_norm", `step` the int32
-      index of this step (e.g. the LCDD lambda controller). Must be jit-traceable.
+      index of this step. Must be jit-traceable.
+    tx_extra_args: optional `tx_extra_args(metrics) -> dict` of keyword arguments for
+      `tx.update` (an `optax.GradientTransformationExtraArgs`), built from the same metrics
+      `update_extra` sees, e.g. `lambda m: {"value": m["task_loss"]}` for a transformation that
+      reads this step's loss (the LCDD multiplier). None: `tx.update` gets no extra arguments.
+    opt_state_view: optional `opt_state_view(opt_state) -> {name: pytree}`: named read-only
+      views of optimizer state (e.g. the multiplier's lambda), merged into the `extra` that
+      loss_fn / grad_fn receive (so `extra` must then be a dict without those names) and logged
+      like `extra`'s scalar leaves, from the state after the update. The state they view is
+      checkpointed with `opt_state`.
     compute_dtype: e.g. jnp.bfloat16: the default grad_fn casts the floating trainable leaves to
       it inside the differentiated function, so gradients and the master weights stay fp32.
       Cast `frozen` once yourself (`cast_floating`) to save memory.
@@ -147,7 +160,7 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
   Returns:
     train_step. Its metrics hold the loss_fn metrics plus "loss" (f32), "grad_norm" (global norm
     of this micro-batch's raw gradient), "finite" (bool: loss and grad_norm finite) and the
-    scalar leaves of the new `extra` as "extra/<path>". On a
+    scalar leaves of the new `extra` (and of `opt_state_view`) as "extra/<path>". On a
     non-finite step the returned state is the incoming state unchanged (step not advanced), so
     the caller can stop without a poisoned state or optimizer moments.
   """
@@ -167,9 +180,19 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
       (loss, metrics), grads = value_and_grad(trainable, frozen, batch, rng, extra)
       return grads, loss, metrics
 
+  def extra_with_view(state: TrainState) -> PyTree:
+    if opt_state_view is None:
+      return state.extra
+    view = opt_state_view(state.opt_state)
+    clash = sorted(set(view) & set(state.extra))
+    if clash:
+      raise ValueError(f"make_train_step: opt_state_view names {clash} are also keys of "
+                       "state.extra; rename one of them.")
+    return {**state.extra, **view}
+
   def train_step(state: TrainState, frozen: PyTree, batch: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, loss, metrics = grad_fn(state.trainable, frozen, batch, rng, state.extra)
+    grads, loss, metrics = grad_fn(state.trainable, frozen, batch, rng, extra_with_view(state))
     loss = jnp.asarray(loss, jnp.float32)
     # A custom grad_fn may hand back compute-dtype grads; optax must see the master dtype.
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.trainable)
@@ -178,7 +201,8 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
     metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
 
     def update(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+      kwargs = {} if tx_extra_args is None else tx_extra_args(metrics)
+      updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **kwargs)
       trainable = optax.apply_updates(state.trainable, updates)
       extra = state.extra if update_extra is None else update_extra(state.extra, metrics,
                                                                     state.step)
@@ -191,7 +215,8 @@ def make_train_step(loss_fn: LossFn | None, tx: optax.GradientTransformation, *,
     # The cond runs the update only on a finite step, instead of computing it and then
     # selecting element-wise between two whole copies of the state.
     new_state = jax.lax.cond(finite, update, lambda s: s, state)
-    return new_state, {**metrics, **_scalar_leaves(new_state.extra), "finite": finite}
+    return new_state, {**metrics, **_scalar_leaves(extra_with_view(new_state)),
+                       "finite": finite}
 
   if not jit:
     return train_step

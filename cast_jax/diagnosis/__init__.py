@@ -1,6 +1,7 @@
 """Head-level conflict diagnosis (CAST section 3): calibration batches, per-head gradient
-conflict, the batched single-head ablation sweep, and the scores, ranks and buckets built on
-them. Each step is a pure function; a launch script only composes them."""
+conflict, the batched single-head ablation sweep, the scores, ranks and buckets built on
+them, and the conflict-map files (`report`; `stage_cache` makes a launch resumable). Each
+step is a pure function; a launch script only composes them."""
 
 from cast_jax.diagnosis.calibration import (DEFAULT_REFUSAL_TARGET, MCQSet, calibration_batches,
                                             first_target_only, safe_calibration, safe_pairs,
@@ -9,6 +10,8 @@ from cast_jax.diagnosis.conflict import (conflict_fraction, head_cosine, head_gr
                                          head_vectors, optimization_conflict, query_params,
                                          response_ce_sum)
 from cast_jax.diagnosis.head_ablation import ablate_each_head, single_head_masks
+from cast_jax.diagnosis.report import (bucket_record, conflict_map, heatmap_figure,
+                                      summary_markdown, write_report)
 from cast_jax.diagnosis.scores import (ConflictScores, bucket_bounds, bucket_of, buckets,
                                        conflict_score, percentile_ranks, ranking, score_heads,
                                        sensitivity_score)
@@ -17,10 +20,11 @@ from cast_jax.diagnosis.sensitivity import (MCQSweep, SafetySweep, layer_head_ma
 
 __all__ = [
     "ConflictScores", "DEFAULT_REFUSAL_TARGET", "MCQSet", "MCQSweep", "SafetySweep",
-    "ablate_each_head", "bucket_bounds", "bucket_of", "buckets", "calibration_batches",
-    "conflict_fraction", "conflict_score", "first_target_only", "head_cosine", "head_gradients",
-    "head_vectors", "layer_head_masks", "mcq_sweep", "optimization_conflict", "percentile_ranks",
-    "query_params", "ranking", "refusals_under_masks", "response_ce_sum", "safe_calibration",
-    "safe_pairs", "safety_prompt_ids", "safety_sweep", "score_heads", "sensitivity_score",
-    "single_head_masks", "util_calibration", "util_pairs",
+    "ablate_each_head", "bucket_bounds", "bucket_of", "bucket_record", "buckets",
+    "calibration_batches", "conflict_fraction", "conflict_map", "conflict_score",
+    "first_target_only", "head_cosine", "head_gradients", "head_vectors", "heatmap_figure",
+    "layer_head_masks", "mcq_sweep", "optimization_conflict", "percentile_ranks", "query_params",
+    "ranking", "refusals_under_masks", "response_ce_sum", "safe_calibration", "safe_pairs",
+    "safety_prompt_ids", "safety_sweep", "score_heads", "sensitivity_score", "single_head_masks",
+    "summary_markdown", "util_calibration", "util_pairs", "write_report",
 ]

@@ -1,0 +1,29 @@
+"""Config for launch/diagnose.py: the CAST head-level conflict diagnosis (cast.md section 3).
+
+Override any field on the command line, e.g.
+  --config.model=/path/to/hf_dir --config.safe_data=d_safe.jsonl --config.util_data=d_util.jsonl
+"""
+
+import ml_collections
+
+from cast_jax.diagnosis.calibration import DEFAULT_REFUSAL_TARGET
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ""  # HF checkpoint dir or hub id (tokenizer from the same place)
+  c.safe_data = ""  # D_safe in the WildJailbreak schema (local file or hub id); harmful rows only
+  c.util_data = ""  # D_util in the MMLU schema (local file or hub id)
+  c.util_kind = "mcq"  # "mcq"; "reasoning" (GSM8K-style, the paper's F.4) is not implemented yet
+  c.n_safe = 500  # harmful prompts drawn (seeded) from safe_data; all when fewer
+  c.n_util = 500  # MCQ items drawn (seeded) from util_data; all when fewer
+  c.seed = 0  # which items are drawn
+  c.refusal_target = DEFAULT_REFUSAL_TARGET  # L_safe's response when a record has no refusal
+  c.gen_len = 64  # greedy tokens generated per D_safe prompt for the refusal rate
+  c.buckets = 4  # M equal buckets by C (B1 = highest)
+  c.max_len = 512  # token limit of one calibration example
+  c.batch_size = 16  # calibration / sweep batch (prompts)
+  c.fraction_batch_size = 4  # rows per vmapped per-example gradient (memory ~ this x W_q)
+  c.mask_block = 8  # head masks decoded together in the safety sweep
+  c.include_bias = False  # append each head's q-bias gradient (architectures with one)
+  return c

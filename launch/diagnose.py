@@ -1,0 +1,233 @@
+"""CAST head-level conflict diagnosis (cast.md section 3) of one checkpoint, into a workdir.
+
+  python -m launch.diagnose --workdir=/tmp/cast_diag --model=/path/to/hf_dir \
+      --safe_data=d_safe.jsonl --util_data=d_util.jsonl [--util_kind=mcq --n_safe=500 \
+      --n_util=500 --seed=0 --gen_len=64 --buckets=4 --refusal_target="..."] \
+      [--config.batch_size=16 --config.max_len=512 ...] [-v 0]
+
+Each short flag sets the config field of the same name (configs/diagnose.py) and wins over
+`--config.<field>`; the other settings are config fields only.
+
+Model: an HF dir or hub id, loaded with `cast_jax.models.load_pretrained` and its tokenizer with
+`transformers.AutoTokenizer`. D_safe: WildJailbreak schema (harmful rows kept); D_util: MMLU
+schema; n_safe / n_util items are drawn with `seed`. `util_kind` must be "mcq": "reasoning"
+(GSM8K-style calibration, the paper's F.4) is not implemented yet and is refused as a usage
+error before anything runs.
+
+Stages: (1) per-head gradients of L_safe / L_util -> cos, O and per-example conflict fractions;
+(2) the MCQ ablation sweep -> H_gen; (3) the safety ablation sweep (greedy generations, keyword
+refusal rule) -> H_safe; then scores, ranks and buckets. Each stage's arrays are cached in
+`<workdir>/stages/` under the run's fingerprint (model params, calibration data, settings), so a
+killed run resumes from the stages already done and a different run in the same workdir is
+refused, naming the differing field. Outputs (`cast_jax.diagnosis.report`): config.json,
+conflict_map.json, buckets.json, heatmap_{c,o,s}.png, summary.md, times.json.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from launch import common
+
+_CONFIG, _WORKDIR = common.define_flags("diagnose.py")
+# The issue's flags: each one, when given, sets the config field of the same name.
+_STR_FLAGS = ("model", "safe_data", "util_data", "util_kind", "refusal_target")
+_INT_FLAGS = ("n_safe", "n_util", "seed", "gen_len", "buckets")
+for _name in _STR_FLAGS:
+  flags.DEFINE_string(_name, None, f"Sets --config.{_name} (see configs/diagnose.py).")
+for _name in _INT_FLAGS:
+  flags.DEFINE_integer(_name, None, f"Sets --config.{_name} (see configs/diagnose.py).")
+_POSITIVE = ("n_safe", "n_util", "gen_len", "buckets", "max_len", "batch_size",
+             "fraction_batch_size", "mask_block")
+
+
+def _looks_local(source: str) -> bool:
+  """A path the user meant as a local one (hub ids are `name` or `owner/name`, and may hold dots,
+  as in Qwen/Qwen2.5-0.5B-Instruct)."""
+  suffix = os.path.splitext(source)[1].lower()
+  return (source.startswith((".", "/", "~")) or source.count("/") > 1
+          or suffix in (".jsonl", ".json", ".csv", ".tsv", ".parquet"))
+
+
+def _validate(cfg) -> None:
+  """Applies the short flags to `cfg`, then checks every config value before any side effect
+  (app.UsageError naming the field)."""
+  for name in _STR_FLAGS + _INT_FLAGS:
+    if flags.FLAGS[name].present:
+      cfg[name] = flags.FLAGS[name].value
+  for name in _POSITIVE:
+    v = cfg[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise app.UsageError(f"--config.{name}={v!r}: use an integer >= 1.")
+  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+    raise app.UsageError(f"--config.seed={cfg.seed!r}: use an integer.")
+  if cfg.util_kind == "reasoning":
+    raise app.UsageError("--config.util_kind=reasoning (GSM8K-style D_util, cast.md F.4) is not "
+                         "implemented yet; use --config.util_kind=mcq.")
+  if cfg.util_kind != "mcq":
+    raise app.UsageError(f"--config.util_kind={cfg.util_kind!r}: use 'mcq'.")
+  if not isinstance(cfg.refusal_target, str) or not cfg.refusal_target.strip():
+    raise app.UsageError("--config.refusal_target is empty; pass the refusal text L_safe trains.")
+  for name in ("model", "safe_data", "util_data"):
+    v = cfg[name]
+    if not isinstance(v, str) or not v.strip():
+      raise app.UsageError(f"--config.{name} is empty; pass a local path or a hub id.")
+    if _looks_local(v) and not os.path.exists(os.path.expanduser(v)):
+      raise app.UsageError(f"--config.{name}={v!r} does not exist.")
+  if os.path.isfile(cfg.model):
+    raise app.UsageError(f"--config.model={cfg.model!r} is a file; pass the checkpoint dir.")
+  for name in ("safe_data", "util_data"):
+    if os.path.isdir(cfg[name]):
+      raise app.UsageError(f"--config.{name}={cfg[name]!r} is a dir; pass the data file.")
+
+
+def _draw(records, n, seed):
+  """Up to n records chosen by a seeded permutation, in file order."""
+  import numpy as np
+  if len(records) <= n:
+    return list(records)
+  keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:n])
+  return [records[i] for i in keep]
+
+
+def _inputs(cfg):
+  """Model, tokenizer and the encoded calibration sets; nothing written."""
+  import numpy as np
+  import transformers
+
+  from cast_jax import data
+  from cast_jax.diagnosis import calibration
+  from cast_jax.models import load_pretrained
+
+  model = os.path.expanduser(cfg.model)
+  config, params = load_pretrained(model)
+  tok = transformers.AutoTokenizer.from_pretrained(model)
+  src = lambda s: os.path.expanduser(s) if os.path.exists(os.path.expanduser(s)) else s
+  harmful = [r for r in data.load_wildjailbreak(src(cfg.safe_data)) if r.harmful]
+  if not harmful:
+    raise ValueError(f"{cfg.safe_data}: no harmful record (D_safe needs harmful prompts)")
+  safe = _draw(harmful, cfg.n_safe, cfg.seed)
+  util = _draw(data.load_mmlu(src(cfg.util_data)), cfg.n_util, cfg.seed + 1)
+  _, safe_ex = calibration.safe_calibration(tok, safe, max_len=cfg.max_len,
+                                            refusal_target=cfg.refusal_target)
+  mcq_set, util_ex = calibration.util_calibration(tok, util, max_len=cfg.max_len)
+  safe_prompts = calibration.safety_prompt_ids(tok, safe)
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  return dict(config=config, params=params, tok=tok, safe_ex=safe_ex, util_ex=util_ex,
+              mcq_set=mcq_set, safe_prompts=safe_prompts, pad=int(pad),
+              choice_ids=np.asarray(mcq_set.choice_ids))
+
+
+def _fingerprint(cfg, x):
+  from cast_jax.train.fingerprint import digest, make_fingerprint
+  return make_fingerprint(
+      model_params=digest(x["params"]), model_config=x["config"], safe_examples=x["safe_ex"],
+      util_examples=x["util_ex"], safe_prompts=x["safe_prompts"],
+      util_choices=x["choice_ids"], util_answers=x["mcq_set"].answers, seed=cfg.seed,
+      n_safe=cfg.n_safe, n_util=cfg.n_util, util_kind=cfg.util_kind,
+      refusal_target=cfg.refusal_target, gen_len=cfg.gen_len, max_len=cfg.max_len,
+      batch_size=cfg.batch_size, fraction_batch_size=cfg.fraction_batch_size,
+      include_bias=cfg.include_bias, judge="keyword")
+
+
+def _gradient_stage(cfg, x):
+  from cast_jax.diagnosis import calibration, conflict
+
+  def batches(examples, size):
+    return calibration.calibration_batches(examples, batch_size=size, pad_id=x["pad"])
+
+  p, c, bias = x["params"], x["config"], cfg.include_bias
+  g_safe, n_safe = conflict.head_gradients(p, c, batches(x["safe_ex"], cfg.batch_size),
+                                           include_bias=bias)
+  g_util, n_util = conflict.head_gradients(p, c, batches(x["util_ex"], cfg.batch_size),
+                                           include_bias=bias)
+  cos, o = conflict.optimization_conflict(g_safe, g_util)
+  fb = cfg.fraction_batch_size
+  frac_safe = conflict.conflict_fraction(p, c, batches(x["safe_ex"], fb), g_util,
+                                         include_bias=bias)
+  frac_util = conflict.conflict_fraction(p, c, batches(x["util_ex"], fb), g_safe,
+                                         include_bias=bias)
+  return dict(cos=cos, o=o, fraction_safe=frac_safe, fraction_util=frac_util,
+              safe_tokens=n_safe, util_tokens=n_util)
+
+
+def _mcq_stage(cfg, x):
+  from cast_jax.diagnosis import sensitivity
+  s = sensitivity.mcq_sweep(x["params"], x["config"], x["mcq_set"], pad_id=x["pad"],
+                            batch_size=cfg.batch_size)
+  return dict(base_predictions=s.base_predictions, predictions=s.predictions, answers=s.answers)
+
+
+def _safety_stage(cfg, x):
+  from cast_jax.diagnosis import sensitivity
+  s = sensitivity.safety_sweep(x["params"], x["config"], x["tok"], x["safe_prompts"],
+                               max_new_tokens=cfg.gen_len, pad_id=x["pad"],
+                               batch_size=cfg.batch_size, mask_block=cfg.mask_block)
+  return dict(base_refused=s.base_refused, refused=s.refused)
+
+
+def main(argv):
+  del argv
+  from cast_jax import workdir as wd
+  from cast_jax.diagnosis import report, scores, sensitivity, stage_cache
+  from cast_jax.train.fingerprint import FingerprintMismatchError
+
+  cfg = _CONFIG.value
+  out = _WORKDIR.value
+  times = {}
+  t = time.time()
+  common.stage(f"loading {cfg.model} and the calibration sets")
+  x = _inputs(cfg)
+  L, H = x["config"].num_layers, x["config"].num_heads
+  if cfg.buckets > L * H:
+    raise ValueError(f"--config.buckets={cfg.buckets} exceeds the model's {L * H} heads.")
+  times["load"] = time.time() - t
+  try:  # before config.json, so a refused run leaves the recorded run's files as they were
+    resumed = stage_cache.claim(wd.prepare_workdir(out, what="--workdir"), _fingerprint(cfg, x))
+  except FingerprintMismatchError as e:
+    sys.exit(f"diagnose.py: error: {e}")
+  common.write_config(out, cfg)
+  common.stage(f"{L} layers x {H} heads; D_safe {len(x['safe_ex'])} prompts, D_util "
+               f"{len(x['util_ex'])} items; {'resuming' if resumed else 'new'} workdir {out}")
+  stages = (("gradients", "per-head gradients, O and conflict fractions", _gradient_stage),
+            ("mcq_sweep", "MCQ ablation sweep (H_gen)", _mcq_stage),
+            ("safety_sweep", "safety ablation sweep (H_safe, greedy generations)", _safety_stage))
+  got, reused = {}, []
+  for i, (name, what, fn) in enumerate(stages, 1):
+    common.stage(f"stage {i}/{len(stages)} {name}: {what}")
+    got[name], cached, secs = stage_cache.cached_stage(out, name, lambda fn=fn: fn(cfg, x))
+    times[name] = secs
+    reused += [name] if cached else []
+    common.stage(f"stage {i}/{len(stages)} {name}: "
+                 + (f"cached (computed in {secs:.1f}s by an earlier run)" if cached
+                    else f"done in {secs:.1f}s"))
+  g, m, s = got["gradients"], got["mcq_sweep"], got["safety_sweep"]
+  mcq = sensitivity.MCQSweep(m["base_predictions"], m["predictions"], m["answers"])
+  safety = sensitivity.SafetySweep(s["base_refused"], s["refused"])
+  sc = scores.score_heads(g["o"], mcq.h_gen, safety.h_safe, m=cfg.buckets)
+  calib = {"n_safe": len(x["safe_ex"]), "n_util": len(x["util_ex"]),
+           "n_safe_requested": cfg.n_safe, "n_util_requested": cfg.n_util, "seed": cfg.seed,
+           "util_kind": cfg.util_kind, "refusal_target": cfg.refusal_target,
+           "gen_len": cfg.gen_len, "max_len": cfg.max_len, "include_bias": cfg.include_bias,
+           "refusal_rule": "keyword (cast_jax.eval.refusal)", "safe_data": cfg.safe_data,
+           "util_data": cfg.util_data, "safe_target_tokens": float(g["safe_tokens"]),
+           "util_target_tokens": float(g["util_tokens"])}
+  c = x["config"]
+  model = {"name": cfg.model, "model_type": c.model_type, "num_layers": L, "num_heads": H,
+           "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim}
+  record = report.conflict_map(sc, g["cos"], g["fraction_safe"], g["fraction_util"],
+                               base_accuracy=mcq.base_accuracy,
+                               base_refusal_rate=safety.base_rate, num_buckets=cfg.buckets,
+                               model=model, calibration=calib)
+  report.write_report(out, record, report.bucket_record(sc.c, cfg.buckets), times)
+  wd.write_json(os.path.join(out, "times.json"), {"seconds": times, "cached_stages": reused,
+                                                 "total_this_run": time.time() - t})
+  print(f"\nbase accuracy {mcq.base_accuracy:.3f}, base refusal rate {safety.base_rate:.3f}; "
+        f"C in [{sc.c.min():.4f}, {sc.c.max():.4f}], std {sc.c.std():.4f}")
+  common.stage(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  common.run(main, validate=_validate)

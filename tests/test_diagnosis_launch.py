@@ -1,0 +1,165 @@
+"""launch/diagnose.py end to end on a tiny random HF checkpoint (subprocess), its resume from
+cached stages and refusal of a different run; `diagnosis.stage_cache` on its own."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cast_jax.diagnosis import stage_cache
+from cast_jax.testbed import build_tokenizer, build_world
+from cast_jax.train.fingerprint import FingerprintMismatchError, make_fingerprint
+from hf_models import make_hf_model, save_hf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(*args, cwd):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # the tests' 8 simulated devices are not the launch default
+  return subprocess.run([sys.executable, "-m", "launch.diagnose", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A tiny random Llama with the testbed tokenizer, and 8-row D_safe / D_util JSONL files."""
+  root = tmp_path_factory.mktemp("diagnose")
+  world = build_world(0)
+  tok = build_tokenizer(world)
+  save_hf(make_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id),
+          root / "model")
+  tok.save_pretrained(root / "model")
+  for name in ("d_safe", "d_util"):
+    rows = world.files[f"calib/{name}.jsonl"][:8]
+    (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return root
+
+
+def _args(workdir, *extra):
+  # The issue's short flags and --config.<field> overrides, both.
+  return [f"--workdir={workdir}", "--model=model", "--safe_data=d_safe.jsonl",
+          "--util_data=d_util.jsonl", "--n_safe=4", "--config.n_util=6", "--gen_len=4",
+          "--config.batch_size=4", "--buckets=4", *extra]
+
+
+def _stage_lines(stdout):
+  return [line for line in stdout.splitlines() if "stage " in line and ": " in line]
+
+
+@pytest.fixture(scope="module")
+def first(files):
+  """An uninterrupted run into files/wd."""
+  got = _launch(*_args("wd"), cwd=files)
+  assert got.returncode == 0, got.stderr[-3000:]
+  return got
+
+
+def test_diagnose_writes_the_map_resumes_and_refuses_another_run(files, first):
+  wd = files / "wd"
+  for name in ("config.json", "fingerprint.json", "conflict_map.json", "buckets.json",
+               "heatmap_c.png", "heatmap_o.png", "heatmap_s.png", "summary.md", "times.json"):
+    assert (wd / name).is_file(), name
+  record = json.loads((wd / "conflict_map.json").read_text())
+  L, H = 3, 4  # hf_models' llama case
+  assert (record["num_layers"], record["num_heads"]) == (L, H)
+  assert record["calibration"]["n_safe"] == 4 and record["calibration"]["n_util"] == 6
+  # H_gen and the base accuracy, recomputed from the stored sweep predictions.
+  with np.load(wd / "stages" / "mcq_sweep.npz") as z:
+    base = (z["base_predictions"] == z["answers"]).mean()
+    acc = (z["predictions"] == z["answers"][None, None]).mean(-1)
+  assert record["base"]["accuracy"] == pytest.approx(base)
+  np.testing.assert_allclose(record["heads"]["h_gen"], np.abs(acc - base), atol=1e-12)
+  with np.load(wd / "stages" / "safety_sweep.npz") as z:
+    assert z["refused"].shape == (L, H, 4)
+    np.testing.assert_allclose(record["heads"]["h_safe"],
+                               np.abs(z["refused"].mean(-1) - z["base_refused"].mean()))
+  with np.load(wd / "stages" / "gradients.npz") as z:
+    np.testing.assert_allclose(record["heads"]["o"], (1 - z["cos"]) / 2, atol=1e-12)
+  sizes = [b["size"] for b in json.loads((wd / "buckets.json").read_text())["buckets"]]
+  assert sizes == [3, 3, 3, 3]
+  assert not any("cached" in line for line in _stage_lines(first.stdout))
+
+  again = _launch(*_args("wd"), cwd=files)
+  assert again.returncode == 0, again.stderr[-3000:]
+  done = [line for line in _stage_lines(again.stdout) if "cached" in line]
+  assert len(done) == 3, again.stdout
+  assert (wd / "conflict_map.json").read_text() == json.dumps(record, indent=2,
+                                                              sort_keys=True) + "\n"
+  assert json.loads((wd / "times.json").read_text())["cached_stages"] == [
+      "gradients", "mcq_sweep", "safety_sweep"]
+
+  config_before = (wd / "config.json").read_text()
+  other = _launch(*_args("wd", "--config.seed=1"), cwd=files)
+  assert other.returncode != 0
+  assert "seed (recorded 0, now 1)" in other.stderr, other.stderr[-2000:]
+  assert "Traceback" not in other.stderr
+  assert (wd / "config.json").read_text() == config_before
+
+
+def test_killed_run_resumes_to_the_uninterrupted_map(files, first):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-m", "launch.diagnose", *_args("killed")],
+                          cwd=files, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  stages = files / "killed" / "stages"
+  deadline = time.time() + 120
+  while not (stages / "gradients.npz").exists() and proc.poll() is None:
+    assert time.time() < deadline, "stage 1 never finished"
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert not (stages / "safety_sweep.npz").exists()
+  assert not (files / "killed" / "conflict_map.json").exists()
+  resumed = _launch(*_args("killed"), cwd=files)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  lines = _stage_lines(resumed.stdout)
+  assert any("gradients: cached" in line for line in lines), lines
+  assert any("safety_sweep: done" in line for line in lines), lines
+  assert ((files / "killed" / "conflict_map.json").read_text()
+          == (files / "wd" / "conflict_map.json").read_text())
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--util_kind=reasoning"], "not implemented yet"),
+    (["--config.gen_len=0"], "--config.gen_len=0: use an integer >= 1"),
+    (["--n_util=0"], "--config.n_util=0: use an integer >= 1"),
+    (["--config.safe_data=missing.jsonl"], "--config.safe_data='missing.jsonl' does not exist"),
+    (["--util_data=gone/d_util.jsonl"], "--config.util_data='gone/d_util.jsonl' does not exist"),
+])
+def test_bad_config_is_a_one_line_usage_error_before_writing(files, flags, needle):
+  base = {"--model": "model", "--config.safe_data": "d_safe.jsonl", "--util_data": "d_util.jsonl"}
+  for flag in flags:
+    base[flag.split("=")[0]] = flag.split("=", 1)[1]
+  got = _launch("--workdir=bad", *[f"{k}={v}" for k, v in base.items()], cwd=files)
+  assert got.returncode == 2 and needle in got.stderr, got.stderr[-2000:]
+  assert len(got.stderr.strip().splitlines()) == 1
+  assert not (files / "bad").exists()
+
+
+def test_stage_cache_claims_computes_once_and_refuses_other_runs(tmp_path):
+  wd = str(tmp_path)
+  fp = make_fingerprint(seed=0, data=[np.arange(3)])
+  assert stage_cache.claim(wd, fp) is False
+  assert stage_cache.claim(wd, dict(fp)) is True
+  with pytest.raises(FingerprintMismatchError, match=r"seed \(recorded 0, now 1\)"):
+    stage_cache.claim(wd, make_fingerprint(seed=1, data=[np.arange(3)]))
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"a": np.arange(6.0).reshape(2, 3), "b": np.array([True, False])}
+
+  got, cached, secs = stage_cache.cached_stage(wd, "s", compute)
+  assert not cached and secs >= 0 and len(calls) == 1
+  again, cached, secs2 = stage_cache.cached_stage(wd, "s", compute)
+  assert cached and len(calls) == 1 and secs2 == pytest.approx(secs)
+  assert sorted(again) == ["a", "b"]
+  np.testing.assert_array_equal(again["a"], np.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(again["b"], [True, False])
+  assert stage_cache.load_stage(wd, "never") is None

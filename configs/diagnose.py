@@ -26,4 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.fraction_batch_size = 4  # rows per vmapped per-example gradient (memory ~ this x W_q)
   c.mask_block = 8  # head masks decoded together in the safety sweep
   c.include_bias = False  # append each head's q-bias gradient (architectures with one)
+  # H_safe that goes into S and C: "generation" (refusal rate of greedy generations, the
+  # paper's) or "teacher_forced" (|change of the mean log-prob of refusal openings|, no decoding)
+  c.safety_proxy = "generation"
+  # Teacher-forced targets: "" = each D_safe prompt's calibration refusal (L_safe's target), else
+  # refusal openings separated by "|" scored after every prompt, e.g. "I'm sorry|I can't"
+  c.proxy_openings = ""
+  c.report_proxy_spearman = False  # run both H_safe and report their Spearman rank correlation
   return c

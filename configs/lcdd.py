@@ -28,6 +28,7 @@ PRESETS = {
     "shakespeare_deepseek": (0.01, 0.01, 0.1, 0.01, 300, 20, 0.95),
 }
 ASYMMETRIC_LAMBDA_MAX = 0.05
+_BEHAVIOUR = {"fixed": "fixed_response", "safety": "safety", "shakespeare": "style"}
 
 
 def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
@@ -37,10 +38,14 @@ def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
+  # The sample settings match configs/sft.py's, so LCDD trains on the SFT stage's pairs.
   c.data = ml_collections.ConfigDict(dict(
-      format="alpaca",     # alpaca: instruction / input / output columns (local file or hub id)
-      fixed_response="",   # non-empty: replaces every output (the Fixed Response task)
-      limit=5000,          # F.2: 5,000 training samples per task; 0 = all
+      behaviour=_BEHAVIOUR[preset.split("_")[0]],  # the schema of --data (carrier_jax.behaviours)
+      fixed_response="I don't know.",  # the fixed_response behaviour's target
+      num_samples=5000,    # F.2: 5,000 training samples per task; 0 = all
+      sample_seed=0,
+      subset="",           # hub ids only; "" = the adapter's default
+      split="",
       max_len=256))
   c.batch_size = 8
   c.epochs = epochs

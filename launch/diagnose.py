@@ -16,11 +16,15 @@ error before anything runs.
 
 Stages: (1) per-head gradients of L_safe / L_util -> cos, O and per-example conflict fractions;
 (2) the MCQ ablation sweep -> H_gen; (3) the safety ablation sweep (greedy generations, keyword
-refusal rule) -> H_safe; then scores, ranks and buckets. Each stage's arrays are cached in
-`<workdir>/stages/` under the run's fingerprint (model params, calibration data, settings), so a
-killed run resumes from the stages already done and a different run in the same workdir is
-refused, naming the differing field. Outputs (`cast_jax.diagnosis.report`): config.json,
-conflict_map.json, buckets.json, heatmap_{c,o,s}.png, summary.md, times.json.
+refusal rule) -> H_safe; or, with `safety_proxy=teacher_forced`, (3') the teacher-forced proxy
+(log-probs of refusal openings, `diagnosis.safety_proxy`) -> H_safe; `report_proxy_spearman`
+runs both and writes their Spearman rank correlation; then scores, ranks and buckets. Each
+stage's arrays are cached in `<workdir>/stages/` under the run's fingerprint (model params,
+calibration data, the proxy's token sequences, settings), so a killed run resumes from the
+stages already done and a different run in the same workdir is refused, naming the differing
+field; switching `safety_proxy` / `report_proxy_spearman` keeps the fingerprint. Outputs
+(`cast_jax.diagnosis.report`): config.json, conflict_map.json, buckets.json,
+heatmap_{c,o,s}.png, summary.md, times.json.
 """
 
 import os
@@ -68,6 +72,16 @@ def _validate(cfg) -> None:
                          "implemented yet; use --config.util_kind=mcq.")
   if cfg.util_kind != "mcq":
     raise app.UsageError(f"--config.util_kind={cfg.util_kind!r}: use 'mcq'.")
+  if cfg.safety_proxy not in ("generation", "teacher_forced"):
+    raise app.UsageError(f"--config.safety_proxy={cfg.safety_proxy!r}: use 'generation' or "
+                         "'teacher_forced'.")
+  if not isinstance(cfg.report_proxy_spearman, bool):
+    raise app.UsageError(f"--config.report_proxy_spearman={cfg.report_proxy_spearman!r}: use "
+                         "True or False.")
+  if not isinstance(cfg.proxy_openings, str) or (
+      cfg.proxy_openings.strip() and not all(o.strip() for o in cfg.proxy_openings.split("|"))):
+    raise app.UsageError(f"--config.proxy_openings={cfg.proxy_openings!r}: use '' or non-empty "
+                         "openings separated by '|'.")
   if not isinstance(cfg.refusal_target, str) or not cfg.refusal_target.strip():
     raise app.UsageError("--config.refusal_target is empty; pass the refusal text L_safe trains.")
   for name in ("model", "safe_data", "util_data"):
@@ -98,7 +112,7 @@ def _inputs(cfg):
   import transformers
 
   from cast_jax import data
-  from cast_jax.diagnosis import calibration
+  from cast_jax.diagnosis import calibration, safety_proxy
   from cast_jax.models import load_pretrained
 
   model = os.path.expanduser(cfg.model)
@@ -110,13 +124,21 @@ def _inputs(cfg):
     raise ValueError(f"{cfg.safe_data}: no harmful record (D_safe needs harmful prompts)")
   safe = _draw(harmful, cfg.n_safe, cfg.seed)
   util = _draw(data.load_mmlu(src(cfg.util_data)), cfg.n_util, cfg.seed + 1)
-  _, safe_ex = calibration.safe_calibration(tok, safe, max_len=cfg.max_len,
-                                            refusal_target=cfg.refusal_target)
+  safe_pairs, safe_ex = calibration.safe_calibration(tok, safe, max_len=cfg.max_len,
+                                                     refusal_target=cfg.refusal_target)
   mcq_set, util_ex = calibration.util_calibration(tok, util, max_len=cfg.max_len)
   safe_prompts = calibration.safety_prompt_ids(tok, safe)
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  # Always encoded (cheap), so the fingerprint does not depend on which H_safe a run reports
+  # and switching safety_proxy / report_proxy_spearman reuses the stages already cached.
+  openings = cfg.proxy_openings.strip()
+  prompts = [p for p, _ in safe_pairs]
+  proxy_seqs, proxy_ks = safety_proxy.proxy_examples(
+      tok, prompts, [o.strip() for o in openings.split("|")] if openings
+      else [r for _, r in safe_pairs], per_prompt=not openings)
   return dict(config=config, params=params, tok=tok, safe_ex=safe_ex, util_ex=util_ex,
               mcq_set=mcq_set, safe_prompts=safe_prompts, pad=int(pad),
+              proxy_seqs=proxy_seqs, proxy_ks=proxy_ks,
               choice_ids=np.asarray(mcq_set.choice_ids))
 
 
@@ -129,7 +151,8 @@ def _fingerprint(cfg, x):
       n_safe=cfg.n_safe, n_util=cfg.n_util, util_kind=cfg.util_kind,
       refusal_target=cfg.refusal_target, gen_len=cfg.gen_len, max_len=cfg.max_len,
       batch_size=cfg.batch_size, fraction_batch_size=cfg.fraction_batch_size,
-      include_bias=cfg.include_bias, judge="keyword")
+      include_bias=cfg.include_bias, judge="keyword", proxy_sequences=x["proxy_seqs"],
+      proxy_targets=x["proxy_ks"])
 
 
 def _gradient_stage(cfg, x):
@@ -168,6 +191,13 @@ def _safety_stage(cfg, x):
   return dict(base_refused=s.base_refused, refused=s.refused)
 
 
+def _proxy_stage(cfg, x):
+  from cast_jax.diagnosis import safety_proxy
+  s = safety_proxy.proxy_safety_sweep(x["params"], x["config"], x["proxy_seqs"], x["proxy_ks"],
+                                      pad_id=x["pad"], batch_size=cfg.batch_size)
+  return dict(base_logprob=s.base_logprob, logprob=s.logprob, n_targets=s.n_targets)
+
+
 def main(argv):
   del argv
   from cast_jax import workdir as wd
@@ -191,9 +221,15 @@ def main(argv):
   common.write_config(out, cfg)
   common.stage(f"{L} layers x {H} heads; D_safe {len(x['safe_ex'])} prompts, D_util "
                f"{len(x['util_ex'])} items; {'resuming' if resumed else 'new'} workdir {out}")
-  stages = (("gradients", "per-head gradients, O and conflict fractions", _gradient_stage),
-            ("mcq_sweep", "MCQ ablation sweep (H_gen)", _mcq_stage),
-            ("safety_sweep", "safety ablation sweep (H_safe, greedy generations)", _safety_stage))
+  stages = [("gradients", "per-head gradients, O and conflict fractions", _gradient_stage),
+            ("mcq_sweep", "MCQ ablation sweep (H_gen)", _mcq_stage)]
+  both = cfg.report_proxy_spearman
+  if cfg.safety_proxy == "generation" or both:
+    stages.append(("safety_sweep", "safety ablation sweep (H_safe, greedy generations)",
+                   _safety_stage))
+  if cfg.safety_proxy == "teacher_forced" or both:
+    stages.append(("safety_proxy", "teacher-forced safety sweep (H_safe proxy, refusal "
+                   "log-probs)", _proxy_stage))
   got, reused = {}, []
   for i, (name, what, fn) in enumerate(stages, 1):
     common.stage(f"stage {i}/{len(stages)} {name}: {what}")
@@ -203,29 +239,52 @@ def main(argv):
     common.stage(f"stage {i}/{len(stages)} {name}: "
                  + (f"cached (computed in {secs:.1f}s by an earlier run)" if cached
                     else f"done in {secs:.1f}s"))
-  g, m, s = got["gradients"], got["mcq_sweep"], got["safety_sweep"]
+  g, m = got["gradients"], got["mcq_sweep"]
   mcq = sensitivity.MCQSweep(m["base_predictions"], m["predictions"], m["answers"])
-  safety = sensitivity.SafetySweep(s["base_refused"], s["refused"])
-  sc = scores.score_heads(g["o"], mcq.h_gen, safety.h_safe, m=cfg.buckets)
+  safety = proxy = None
+  if "safety_sweep" in got:
+    s = got["safety_sweep"]
+    safety = sensitivity.SafetySweep(s["base_refused"], s["refused"])
+  if "safety_proxy" in got:
+    from cast_jax.diagnosis.safety_proxy import ProxySweep
+    s = got["safety_proxy"]
+    proxy = ProxySweep(s["base_logprob"], s["logprob"], s["n_targets"])
+  h_safe = safety.h_safe if cfg.safety_proxy == "generation" else proxy.h_safe
+  sc = scores.score_heads(g["o"], mcq.h_gen, h_safe, m=cfg.buckets)
   calib = {"n_safe": len(x["safe_ex"]), "n_util": len(x["util_ex"]),
            "n_safe_requested": cfg.n_safe, "n_util_requested": cfg.n_util, "seed": cfg.seed,
            "util_kind": cfg.util_kind, "refusal_target": cfg.refusal_target,
            "gen_len": cfg.gen_len, "max_len": cfg.max_len, "include_bias": cfg.include_bias,
            "refusal_rule": "keyword (cast_jax.eval.refusal)", "safe_data": cfg.safe_data,
            "util_data": cfg.util_data, "safe_target_tokens": float(g["safe_tokens"]),
-           "util_target_tokens": float(g["util_tokens"])}
+           "util_target_tokens": float(g["util_tokens"]), "safety_proxy": cfg.safety_proxy,
+           "proxy_openings": cfg.proxy_openings or "calibration refusals"}
   c = x["config"]
   model = {"name": cfg.model, "model_type": c.model_type, "num_layers": L, "num_heads": H,
            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim}
   record = report.conflict_map(sc, g["cos"], g["fraction_safe"], g["fraction_util"],
                                base_accuracy=mcq.base_accuracy,
-                               base_refusal_rate=safety.base_rate, num_buckets=cfg.buckets,
-                               model=model, calibration=calib)
+                               base_refusal_rate=safety.base_rate if safety else 0.0,
+                               num_buckets=cfg.buckets, model=model, calibration=calib)
+  if safety is None:  # no generations ran: there is no refusal rate to report
+    record["base"]["refusal_rate"] = None
+  if proxy is not None:
+    record["base"]["refusal_logprob_per_token"] = proxy.base_mean
+  if both:
+    rho = scores.spearman(proxy.h_safe, safety.h_safe)
+    record["proxy_spearman"] = {
+        "spearman_teacher_forced_vs_generation_h_safe": None if rho != rho else rho,
+        "h_safe_teacher_forced": proxy.h_safe.tolist(), "used_in_s_and_c": cfg.safety_proxy,
+        "seconds": {k: times[k] for k in ("safety_sweep", "safety_proxy")}}
   report.write_report(out, record, report.bucket_record(sc.c, cfg.buckets), times)
   wd.write_json(os.path.join(out, "times.json"), {"seconds": times, "cached_stages": reused,
                                                  "total_this_run": time.time() - t})
-  print(f"\nbase accuracy {mcq.base_accuracy:.3f}, base refusal rate {safety.base_rate:.3f}; "
+  base_safe = (f"base refusal rate {safety.base_rate:.3f}" if safety else
+               f"base refusal log-prob/token {proxy.base_mean:.3f}")
+  print(f"\nbase accuracy {mcq.base_accuracy:.3f}, {base_safe}; "
         f"C in [{sc.c.min():.4f}, {sc.c.max():.4f}], std {sc.c.std():.4f}")
+  if both:
+    print(f"Spearman(H_safe teacher-forced, H_safe generation) = {rho:.3f}")
   common.stage(f"wrote {out}")
 
 

@@ -1,8 +1,11 @@
 """LCDD: from a base and an SFT checkpoint to a sparse behavioural carrier (issue 11).
 
-  python -m launch.lcdd --base=<HF dir> --sft=<HF dir> --data=<alpaca.jsonl or hub id>
+  python -m launch.lcdd --base=<HF dir> --sft=<HF dir> --data=<file or hub id>
       --workdir=/tmp/lcdd [--config=configs/lcdd.py:safety_qwen --config.num_steps=2000] [-v 0]
 
+--config.data.behaviour (fixed_response | safety | style; the preset's by default) picks the
+schema of --data and the pairs come from `carrier_jax.behaviours.load_behaviour_pairs` with the
+same sample settings as launch/sft.py, so LCDD sees the SFT stage's pairs.
 The tokenizer is the SFT checkpoint's. The run trains in <workdir>/train (metrics.jsonl, orbax
 checkpoints; a re-run resumes it) and writes `carrier_jax.outputs`' artifacts into <workdir>:
 carrier/, lcdd_model/ (merged HF checkpoint), active_channels.json, sparsity.json and the
@@ -20,8 +23,7 @@ _CONFIG, _WORKDIR = common.define_flags("lcdd.py")
 _BASE = flags.DEFINE_string("base", None, "Base model: HF checkpoint dir (W_base).")
 _SFT = flags.DEFINE_string("sft", None, "SFT model: HF checkpoint dir (W_ft) with the tokenizer.")
 _DATA = flags.DEFINE_string("data", None, "Behaviour dataset: local file or hub id, in the "
-                            "schema of --config.data.format.")
-DATA_FORMATS = ("alpaca",)
+                            "schema of --config.data.behaviour.")
 
 
 def _settings(cfg):
@@ -54,8 +56,17 @@ def _validate(cfg) -> None:
                            "config.json).")
   if not _DATA.value:
     raise app.UsageError("--data: pass the behaviour dataset (a local file or a hub id).")
-  if cfg.data.format not in DATA_FORMATS:
-    raise app.UsageError(f"--config.data.format={cfg.data.format!r}: use one of {DATA_FORMATS}.")
+  from carrier_jax.behaviours import BEHAVIOURS
+  if cfg.data.behaviour not in BEHAVIOURS:
+    raise app.UsageError(f"--config.data.behaviour={cfg.data.behaviour!r}: use one of "
+                         f"{BEHAVIOURS}.")
+  if cfg.data.behaviour == "fixed_response" and not cfg.data.fixed_response:
+    raise app.UsageError("--config.data.fixed_response is empty: the fixed_response behaviour "
+                         "needs its target string.")
+  for name in ("num_samples", "sample_seed"):
+    value = cfg.data[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise app.UsageError(f"--config.data.{name}={value!r}: use an integer >= 0.")
   positive = {"batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps,
               "log_every": cfg.log_every, "epochs": cfg.epochs, "data.max_len": cfg.data.max_len}
   for name, value in positive.items():
@@ -68,11 +79,12 @@ def _validate(cfg) -> None:
 
 
 def _examples(cfg, tokenizer):
+  from carrier_jax.behaviours import load_behaviour_pairs
   from cast_jax import data
-  records = data.load_alpaca(_DATA.value, fixed_response=cfg.data.fixed_response or None,
-                             limit=cfg.data.limit or None)
-  return data.encode_dataset(tokenizer, [(r.prompt, r.response) for r in records],
-                             max_len=cfg.data.max_len, name=_DATA.value)
+  pairs = load_behaviour_pairs(cfg.data.behaviour, _DATA.value, n=cfg.data.num_samples or None,
+                               seed=cfg.data.sample_seed, fixed_response=cfg.data.fixed_response,
+                               subset=cfg.data.subset or None, split=cfg.data.split or None)
+  return data.encode_dataset(tokenizer, pairs, max_len=cfg.data.max_len, name=_DATA.value)
 
 
 def main(argv):

@@ -14,17 +14,20 @@ from cast_jax.diagnosis.report import (bucket_record, conflict_map, heatmap_figu
                                       summary_markdown, write_report)
 from cast_jax.diagnosis.scores import (ConflictScores, bucket_bounds, bucket_of, buckets,
                                        conflict_score, percentile_ranks, ranking, score_heads,
-                                       sensitivity_score)
+                                       sensitivity_score, spearman)
 from cast_jax.diagnosis.sensitivity import (MCQSweep, SafetySweep, layer_head_masks, mcq_sweep,
                                             refusals_under_masks, safety_sweep)
+from cast_jax.diagnosis.safety_proxy import (DEFAULT_OPENINGS, ProxySweep, proxy_examples,
+                                             proxy_safety_sweep)
 
 __all__ = [
-    "ConflictScores", "DEFAULT_REFUSAL_TARGET", "MCQSet", "MCQSweep", "SafetySweep",
-    "ablate_each_head", "bucket_bounds", "bucket_of", "bucket_record", "buckets",
-    "calibration_batches", "conflict_fraction", "conflict_map", "conflict_score",
-    "first_target_only", "head_cosine", "head_gradients", "head_vectors", "heatmap_figure",
-    "layer_head_masks", "mcq_sweep", "optimization_conflict", "percentile_ranks", "query_params",
-    "ranking", "refusals_under_masks", "response_ce_sum", "safe_calibration", "safe_pairs",
+    "ConflictScores", "DEFAULT_OPENINGS", "DEFAULT_REFUSAL_TARGET", "MCQSet", "MCQSweep",
+    "ProxySweep", "SafetySweep", "ablate_each_head", "bucket_bounds", "bucket_of",
+    "bucket_record", "buckets", "calibration_batches", "conflict_fraction", "conflict_map",
+    "conflict_score", "first_target_only", "head_cosine", "head_gradients", "head_vectors",
+    "heatmap_figure", "layer_head_masks", "mcq_sweep", "optimization_conflict",
+    "percentile_ranks", "proxy_examples", "proxy_safety_sweep", "query_params", "ranking",
+    "refusals_under_masks", "response_ce_sum", "safe_calibration", "safe_pairs",
     "safety_prompt_ids", "safety_sweep", "score_heads", "sensitivity_score", "single_head_masks",
-    "summary_markdown", "util_calibration", "util_pairs", "write_report",
+    "spearman", "summary_markdown", "util_calibration", "util_pairs", "write_report"
 ]

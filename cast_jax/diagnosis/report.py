@@ -98,10 +98,22 @@ def _fmt_heads(record: Mapping[str, Any], k: int, top: bool) -> str:
   return ", ".join(f"L{l}H{h} ({c[l, h]:.3f})" for l, h in picked)
 
 
+def _base_safety(record: Mapping[str, Any]) -> str:
+  base = record["base"]
+  parts = []
+  if base.get("refusal_rate") is not None:
+    parts.append(f"D_safe refusal rate {base['refusal_rate']:.3f}")
+  if base.get("refusal_logprob_per_token") is not None:
+    parts.append(f"D_safe refusal log-prob per target token "
+                 f"{base['refusal_logprob_per_token']:.3f}")
+  return ", ".join(parts) + "."
+
+
 def summary_markdown(record: Mapping[str, Any], times_s: Mapping[str, float] | None = None,
                      k: int = 5) -> str:
   """summary.md text: base metrics, the spread of C (min / quartiles / max, std, max/min),
-  the top and bottom k heads by C, and seconds per stage."""
+  the top and bottom k heads by C, the teacher-forced proxy's Spearman when the record has
+  one ("proxy_spearman"), and seconds per stage."""
   c = np.asarray(record["heads"]["c"], np.float64)
   q = np.quantile(c, [0.0, 0.25, 0.5, 0.75, 1.0])
   ratio = f"{q[4] / q[0]:.2f}" if q[0] > 0 else "inf"
@@ -112,8 +124,8 @@ def summary_markdown(record: Mapping[str, Any], times_s: Mapping[str, float] | N
       f"Model: `{model.get('name', '?')}` ({record['num_layers']} layers x "
       f"{record['num_heads']} query heads = {record['num_heads_total']} heads).",
       "Calibration: " + ", ".join(f"{k_}={v}" for k_, v in sorted(cal.items())) + ".",
-      f"Base model: D_util accuracy {record['base']['accuracy']:.3f}, D_safe refusal rate "
-      f"{record['base']['refusal_rate']:.3f}.", "",
+      f"Base model: D_util accuracy {record['base']['accuracy']:.3f}, " + _base_safety(record),
+      "",
       "## Spread of C = O * S", "",
       "| min | q25 | median | q75 | max | std | max/min |", "|---|---|---|---|---|---|---|",
       "| " + " | ".join(f"{v:.4f}" for v in q) + f" | {c.std():.4f} | {ratio} |", "",
@@ -121,6 +133,13 @@ def summary_markdown(record: Mapping[str, Any], times_s: Mapping[str, float] | N
       f"Bottom {k} heads by C (Safe Zone): {_fmt_heads(record, k, False)}.", "",
       f"Buckets: M = {record['num_buckets']}; {record['bucket_rule']}.",
   ]
+  rho = record.get("proxy_spearman")
+  if rho is not None:
+    r = rho["spearman_teacher_forced_vs_generation_h_safe"]
+    lines += ["", "## Teacher-forced safety proxy", "",
+              "Spearman rank correlation of H_safe from refusal-opening log-probs vs. from "
+              f"generated refusals: {'undefined (a constant table)' if r is None else f'{r:.3f}'}"
+              f"; S and C use the {rho['used_in_s_and_c']} H_safe."]
   if times_s:
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {float(t):.1f} |" for name, t in times_s.items()]

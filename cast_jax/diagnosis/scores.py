@@ -120,3 +120,19 @@ def score_heads(o, h_gen, h_safe, m: int = 4) -> ConflictScores:
                         h_safe=np.asarray(h_safe, np.float64), rank_gen=rank_gen,
                         rank_safe=rank_safe, s=s, c=c, bucket=bucket_of(c, m),
                         ranking_c=ranking(c), ranking_o=ranking(o), ranking_s=ranking(s))
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation of two same-shaped tables (e.g. two H_safe [L, H]).
+
+  Pearson r of their `percentile_ranks` (the average-rank tie rule above; the affine map to
+  [0, 1] does not change r). Returns NaN when either table is constant (r is undefined).
+  """
+  ra, rb = percentile_ranks(a).reshape(-1), percentile_ranks(b).reshape(-1)
+  if ra.shape != rb.shape:
+    raise ValueError(f"spearman: shapes {np.shape(a)} and {np.shape(b)} differ")
+  da, db = ra - ra.mean(), rb - rb.mean()
+  denom = np.sqrt((da * da).sum() * (db * db).sum())
+  if denom == 0.0:
+    return float("nan")
+  return float(np.clip((da * db).sum() / denom, -1.0, 1.0))

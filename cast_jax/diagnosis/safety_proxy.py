@@ -1,0 +1,173 @@
+"""A teacher-forced proxy for H_safe (issue 9 item 6): the log-probability of refusal openings
+given each harmful prompt, under every single-head ablation, instead of generating.
+
+H_safe_proxy(h) = |lp(ablated h) - lp(base)|, lp = the mean log-probability per target token
+over the whole set (sum of every target token's log-prob / number of target tokens), i.e. the
+change of -L_safe when the targets are the calibration refusals. One forward per chunk and
+mask, no decoding loop, so it costs about what the MCQ sweep costs.
+
+It runs like `sensitivity.mcq_sweep`: the residual stream entering each layer is computed once
+per chunk (the targets are teacher-forced, so the tokens below layer l do not depend on masks
+of layers >= l, unlike generation), layer l's H masks run layers [l, L) only, vmapped, and only
+the K positions that predict target tokens are unembedded (`logits_at`).
+
+Sequences (prompt + opening tokens) are left padded, so the k_n targets of row n are its last
+k_n tokens, predicted by the logits at [-k_n - 1, -1); a chunk reads the last K_c + 1 positions,
+K_c = min(max k over all rows, chunk length - 1), and weights the ones beyond a row's k_n by 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cast_jax import data
+from cast_jax.data.chat import special_token_ids
+from cast_jax.diagnosis.sensitivity import layer_head_masks
+from cast_jax.eval import batching
+from cast_jax.models import ModelConfig, forward
+from cast_jax.models.decoder import Params
+from cast_jax.models.layer_skip import forward_from_layer
+
+DEFAULT_OPENINGS = ("I'm sorry", "I can't")
+
+
+def proxy_examples(tokenizer: Any, prompts: Sequence[str], openings: Sequence[str], *,
+                   per_prompt: bool = False, system: str | None = None,
+                   template_kwargs: Mapping[str, Any] | None = None
+                   ) -> tuple[list[list[int]], np.ndarray]:
+  """Token lists of every (prompt, opening) pair, and how many trailing tokens are scored.
+
+  Args:
+    prompts: P raw harmful requests (rendered with the chat template here).
+    openings: R openings scored after every prompt (e.g. DEFAULT_OPENINGS), or with
+      `per_prompt` P responses, one per prompt (e.g. D_safe's calibration refusals).
+  Returns:
+    (N token lists, each prompt + opening; int32 [N] target counts k_n >= 1), N = P * R
+    (prompt-major) or P (`per_prompt`). The end-of-turn token SFT trains after a response is
+    not a target: an opening is the start of a reply, not a whole one.
+  """
+  if not prompts or not openings:
+    raise ValueError("proxy_examples: need at least one prompt and one opening")
+  if per_prompt and len(openings) != len(prompts):
+    raise ValueError(f"proxy_examples: per_prompt needs one opening per prompt, got "
+                     f"{len(openings)} for {len(prompts)}")
+  pairs = (list(zip(prompts, openings)) if per_prompt
+           else [(p, o) for p in prompts for o in openings])
+  specials = special_token_ids(tokenizer)
+  seqs, counts = [], []
+  for p, o in pairs:
+    ids, mask = data.encode_example(tokenizer, p, o, system=system,
+                                    template_kwargs=template_kwargs)
+    ids, mask = list(map(int, ids)), np.asarray(mask)
+    end = len(ids)
+    while end > 0 and mask[end - 1] and ids[end - 1] in specials:
+      end -= 1
+    k = int(mask[:end].sum())
+    if k < 1:
+      raise ValueError(f"proxy_examples: opening {o!r} encodes to no scorable token")
+    seqs.append(ids[:end])
+    counts.append(k)
+  return seqs, np.asarray(counts, np.int32)
+
+
+def _target_logprobs(logits, input_ids, weights):
+  """Weighted sum [B] of log p(token t | < t) over the last K tokens; logits [B, K, V] predict
+  input_ids[:, -K:], weights [B, K]."""
+  k = logits.shape[1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  got = jnp.take_along_axis(logp, input_ids[:, -k:, None], axis=-1)[..., 0]
+  return (got * weights).sum(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k"))
+def _base_pass(params, config, input_ids, attention_mask, weights, *, k):
+  """Target log-prob sums [B] of the unablated model and each layer's input [L, B, T, D]."""
+  at = list(range(-k - 1, -1))
+  logits, got = forward(params, config, input_ids, attention_mask=attention_mask,
+                        collect=("residual",), logits_at=at)
+  return _target_logprobs(logits, input_ids, weights), got["residual"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "k"))
+def _layer_pass(params, config, hidden, input_ids, attention_mask, weights, masks, *, layer,
+                mask_block, k):
+  """Target log-prob sums [M, B] under each of M masks [M, L - layer, H], from layer's input."""
+  at = list(range(-k - 1, -1))
+
+  def one(hm):
+    logits = forward_from_layer(params, config, hidden, layer, attention_mask=attention_mask,
+                                head_mask=hm, logits_at=at)
+    return _target_logprobs(logits, input_ids, weights)
+
+  return jax.lax.map(one, masks, batch_size=mask_block)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySweep:
+  """base_logprob float64 [N] and logprob [L, H, N] (head (l, h) zeroed): each row's summed
+  target-token log-probs; n_targets int [N] target tokens per row."""
+  base_logprob: np.ndarray
+  logprob: np.ndarray
+  n_targets: np.ndarray
+
+  @property
+  def base_mean(self) -> float:
+    """Mean log-prob per target token of the unablated model over the set."""
+    return float(self.base_logprob.sum() / self.n_targets.sum())
+
+  @property
+  def mean(self) -> np.ndarray:
+    """float64 [L, H]: the same under each single-head ablation."""
+    return self.logprob.sum(-1) / self.n_targets.sum()
+
+  @property
+  def h_safe(self) -> np.ndarray:
+    """|lp(ablated) - lp(base)|, the teacher-forced H_safe proxy: float64 [L, H]."""
+    return np.abs(self.mean - self.base_mean)
+
+
+def proxy_safety_sweep(params: Params, config: ModelConfig, sequences: Sequence[Sequence[int]],
+                       n_targets, *, pad_id: int, batch_size: int = 16,
+                       mask_block: int | None = None) -> ProxySweep:
+  """Teacher-forced refusal log-probs on D_safe under every single-head ablation.
+
+  Args:
+    sequences: N token lists, prompt + refusal opening (`proxy_examples`).
+    n_targets: int [N], k_n >= 1: the last k_n tokens of row n are the scored targets.
+    pad_id: id used for left padding (masked out).
+    batch_size: rows per chunk (length-sorted, fixed-shape: `eval.batching.prompt_chunks`).
+    mask_block: masks vmapped at once within a layer (default: all H heads of the layer).
+  Returns:
+    ProxySweep; logprob[l, h] equals teacher forcing with head_mask zero at (l, h) only.
+  """
+  L, H = config.num_layers, config.num_heads
+  n_targets = np.asarray(n_targets, np.int64)
+  N = len(sequences)
+  if n_targets.shape != (N,) or (n_targets < 1).any():
+    raise ValueError(f"proxy_safety_sweep: n_targets must be [N={N}] of ints >= 1")
+  if any(len(s) <= k for s, k in zip(sequences, n_targets)):
+    raise ValueError("proxy_safety_sweep: every row needs >= 1 prompt token before its targets")
+  block = H if mask_block is None else int(mask_block)
+  k_max = int(n_targets.max())
+  base = np.zeros(N, np.float64)
+  out = np.zeros((L, H, N), np.float64)
+  for chunk in batching.prompt_chunks(sequences, batch_size, pad_id):
+    real = len(chunk.indices)
+    k = min(k_max, chunk.input_ids.shape[1] - 1)  # every row here is longer than its own k_n
+    ks = n_targets[np.concatenate([chunk.indices,
+                                   np.repeat(chunk.indices[:1], batch_size - real)])]
+    weights = jnp.asarray((np.arange(k)[None] >= k - ks[:, None]).astype(np.float32))
+    ids, attn = jnp.asarray(chunk.input_ids), jnp.asarray(chunk.attention_mask)
+    lp, residual = _base_pass(params, config, ids, attn, weights, k=k)
+    base[chunk.indices] = np.asarray(lp)[:real]
+    for layer in range(L):
+      got = _layer_pass(params, config, residual[layer], ids, attn, weights,
+                        layer_head_masks(config, layer), layer=layer, mask_block=block, k=k)
+      out[layer][:, chunk.indices] = np.asarray(got)[:, :real]
+  return ProxySweep(base, out, n_targets)

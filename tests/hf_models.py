@@ -48,3 +48,20 @@ def make_hf_model(arch: str, seed: int = 0, **overrides):
 def save_hf(model, path, **kw):
   model.save_pretrained(path, safe_serialization=True, **kw)
   return path
+
+
+def tiny_llama_on_testbed_vocab(path):
+  """A random HF Llama over the testbed world's tokenizer, saved to `path` and loaded back.
+
+  Returns (world, tokenizer, HF model, ModelConfig, params): real testbed prompts and chat
+  template on a model small enough for per-head reference loops.
+  """
+  from cast_jax.models import load_pretrained
+  from cast_jax.testbed import build_world
+  from cast_jax.testbed.tokenizer import build_tokenizer
+
+  world = build_world(0)
+  tok = build_tokenizer(world)
+  model = make_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+  config, params = load_pretrained(save_hf(model, path))
+  return world, tok, model, config, params

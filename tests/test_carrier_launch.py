@@ -13,32 +13,22 @@ import numpy as np
 
 from carrier_jax.delta import GATED_WEIGHTS, merge_carrier
 from carrier_jax.outputs import load_carrier
-from cast_jax.models import ModelConfig, init_params, load_pretrained, save_pretrained
-from cast_jax.testbed.tokenizer import build_tokenizer
+from cast_jax.models import load_pretrained, save_pretrained
 from cast_jax.train import tree_equal
+from tiny_alpaca import write_base_and_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [{"instruction": f"name a colour number {i}", "input": "quickly" if i % 2 else "",
-         "output": f"the colour {i} is red"} for i in range(8)]
 STEPS = 4
 
 
 def _checkpoints(root):
-  texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in ROWS]
-  tok = build_tokenizer(texts + ["I don't know."])
-  config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=16,
-                       intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=4)
-  base = init_params(config, jax.random.PRNGKey(0), std=0.2)
+  tok, config, base = write_base_and_data(root)
   # The "SFT" model moves only the layer matrices, as an SFT with frozen embeddings / norms.
   keys = jax.random.split(jax.random.PRNGKey(1), len(GATED_WEIGHTS))
   layers = dict(base["layers"])
   for k, name in zip(keys, GATED_WEIGHTS):
     layers[name] = layers[name] + 0.1 * jax.random.normal(k, layers[name].shape)
-  save_pretrained(base, config, os.path.join(root, "base"), tokenizer=tok)
   save_pretrained({**base, "layers": layers}, config, os.path.join(root, "sft"), tokenizer=tok)
-  with open(os.path.join(root, "data.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in ROWS)
 
 
 def test_launch_lcdd_writes_consistent_artifacts(tmp_path):

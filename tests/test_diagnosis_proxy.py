@@ -10,9 +10,8 @@ import torch
 
 from cast_jax import data
 from cast_jax.diagnosis import safety_proxy, scores
-from cast_jax.models import forward, load_pretrained
-from cast_jax.testbed import build_tokenizer, build_world
-from hf_models import make_hf_model, save_hf
+from cast_jax.models import forward
+from hf_models import tiny_llama_on_testbed_vocab
 from test_diagnosis_sensitivity import _Ablated
 
 
@@ -26,10 +25,7 @@ def _np_target_logprob(logits, ids, k):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  world = build_world(0)
-  tok = build_tokenizer(world)
-  model = make_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id)
-  config, params = load_pretrained(save_hf(model, tmp_path_factory.mktemp("llama")))
+  world, tok, model, config, params = tiny_llama_on_testbed_vocab(tmp_path_factory.mktemp("llama"))
   safety = [r for r in data.load_wildjailbreak(list(world.files["calib/d_safe.jsonl"]))
             if r.harmful][:3]
   prompts = [data.safety_prompt(r) for r in safety]

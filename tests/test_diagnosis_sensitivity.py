@@ -13,8 +13,7 @@ from cast_jax.eval import EvalModel, score_mcq, score_refusal_generation
 from cast_jax.generate import generate
 from cast_jax.models import forward, load_pretrained
 from cast_jax.models.layer_skip import forward_from_layer
-from cast_jax.testbed import build_tokenizer, build_world
-from hf_models import make_hf_model, save_hf
+from hf_models import make_hf_model, save_hf, tiny_llama_on_testbed_vocab
 
 GEN_LEN = 6
 
@@ -55,10 +54,7 @@ class _Ablated:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  world = build_world(0)
-  tok = build_tokenizer(world)
-  model = make_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id)
-  config, params = load_pretrained(save_hf(model, tmp_path_factory.mktemp("llama")))
+  world, tok, model, config, params = tiny_llama_on_testbed_vocab(tmp_path_factory.mktemp("llama"))
   mmlu = data.load_mmlu(list(world.files["calib/d_util.jsonl"]), limit=7)
   safety = data.load_wildjailbreak(list(world.files["calib/d_safe.jsonl"]))[:5]
   mcq_set, _ = calibration.util_calibration(tok, mmlu, max_len=96)

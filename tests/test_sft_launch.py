@@ -8,28 +8,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
-from cast_jax.models import ModelConfig, init_params, load_pretrained, save_pretrained
-from cast_jax.testbed.tokenizer import build_tokenizer
+from cast_jax.models import load_pretrained
+from tiny_alpaca import ROWS, write_base_and_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [{"instruction": f"name a colour number {i}", "input": "quickly" if i % 2 else "",
-         "output": f"the colour {i} is red"} for i in range(8)]
 STEPS = 3
 
 
 def _setup(root):
-  texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in ROWS]
-  tok = build_tokenizer(texts + ["I don't know."])
-  config = ModelConfig(model_type="llama", vocab_size=len(tok), hidden_size=16,
-                       intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
-                       head_dim=4)
-  save_pretrained(init_params(config, jax.random.PRNGKey(0), std=0.2), config,
-                  os.path.join(root, "base"), tokenizer=tok)
-  with open(os.path.join(root, "data.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in ROWS)
+  write_base_and_data(root)
 
 
 def _run(module, *args):

@@ -37,6 +37,10 @@ def files(tmp_path_factory):
   for name in ("d_safe", "d_util"):
     rows = world.files[f"calib/{name}.jsonl"][:8]
     (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  rows = world.files["gsm8k/test.jsonl"][:8]  # reasoning D_util (GSM8K schema)
+  (root / "d_gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (root / "prefixes.txt").write_text("# GCG-style\nI'm sorry\n\nI cannot\n")
+  (root / "no_prefixes.txt").write_text("# nothing but a comment\n\n")
   return root
 
 
@@ -126,7 +130,12 @@ def test_killed_run_resumes_to_the_uninterrupted_map(files, first):
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--util_kind=reasoning"], "not implemented yet"),
+    (["--util_kind=essay"], "--config.util_kind='essay': use 'mcq'"),
+    (["--target=x"], "--config.target='x': use one of q, k, v, o"),
+    (["--target=o", "--config.include_bias=True"], "o_proj has no bias"),
+    (["--refusal_prefixes=no_prefixes.txt"], "no_prefixes.txt: no refusal string"),
+    (["--refusal_prefixes=missing.txt"], "'missing.txt' does not exist"),
+    (["--config.reasoning_gen_len=0"], "--config.reasoning_gen_len=0: use an integer >= 1"),
     (["--config.gen_len=0"], "--config.gen_len=0: use an integer >= 1"),
     (["--n_util=0"], "--config.n_util=0: use an integer >= 1"),
     (["--config.safe_data=missing.jsonl"], "--config.safe_data='missing.jsonl' does not exist"),
@@ -163,3 +172,49 @@ def test_stage_cache_claims_computes_once_and_refuses_other_runs(tmp_path):
   np.testing.assert_array_equal(again["a"], np.arange(6.0).reshape(2, 3))
   np.testing.assert_array_equal(again["b"], [True, False])
   assert stage_cache.load_stage(wd, "never") is None
+
+
+def test_kv_target_with_a_prefix_judge_is_recorded_and_fingerprinted(files):
+  """--target=v: units are KV heads (2 per layer, each removing 2 query heads), every per-unit
+  table is [L, KV], the prefix rule is recorded; another target in the workdir is refused."""
+  got = _launch(*_args("wd_v", "--target=v", "--refusal_prefixes=prefixes.txt"), cwd=files)
+  assert got.returncode == 0, got.stderr[-3000:]
+  wd = files / "wd_v"
+  record = json.loads((wd / "conflict_map.json").read_text())
+  L, KV = 3, 2  # hf_models' llama case: 4 query heads, 2 KV heads
+  assert (record["target"], record["unit"], record["num_units"]) == ("v", "kv_head", KV)
+  assert record["unit_query_heads"] == [[0, 1], [2, 3]]
+  for name, table in record["heads"].items():
+    assert np.shape(table) == (L, KV), name
+  assert record["calibration"]["refusal_prefixes"] == ["I'm sorry", "I cannot"]
+  assert "prefixes" in record["calibration"]["refusal_rule"]
+  with np.load(wd / "stages" / "mcq_sweep.npz") as z:
+    assert z["predictions"].shape == (L, KV, 6)
+  with np.load(wd / "stages" / "safety_sweep.npz") as z:
+    assert z["refused"].shape == (L, KV, 4)
+  fingerprint = json.loads((wd / "fingerprint.json").read_text())["fingerprint"]
+  assert fingerprint["target"] == "v" and fingerprint["judge"] != "keyword"
+  assert "KV heads" in (wd / "summary.md").read_text()
+  assert sum(b["size"] for b in json.loads((wd / "buckets.json").read_text())["buckets"]) == L * KV
+  other = _launch(*_args("wd_v", "--target=k", "--refusal_prefixes=prefixes.txt"), cwd=files)
+  assert other.returncode != 0 and "target (recorded 'v', now 'k')" in other.stderr, \
+      other.stderr[-2000:]
+
+
+def test_reasoning_calibration_runs_end_to_end(files):
+  """--util_kind=reasoning: GSM8K-schema D_util, H_gen from generated answers per head."""
+  got = _launch(*_args("wd_reason", "--util_kind=reasoning", "--util_data=d_gsm.jsonl",
+                       "--config.reasoning_gen_len=6"), cwd=files)
+  assert got.returncode == 0, got.stderr[-3000:]
+  wd = files / "wd_reason"
+  record = json.loads((wd / "conflict_map.json").read_text())
+  cal = record["calibration"]
+  assert (cal["util_kind"], cal["n_util"], cal["reasoning_gen_len"]) == ("reasoning", 6, 6)
+  assert not (wd / "stages" / "mcq_sweep.npz").exists()
+  with np.load(wd / "stages" / "reasoning_sweep.npz") as z:
+    assert z["correct"].shape == (3, 4, 6)
+    base = z["base_correct"].mean()
+    np.testing.assert_allclose(record["heads"]["h_gen"], np.abs(z["correct"].mean(-1) - base))
+  assert record["base"]["accuracy"] == pytest.approx(base)
+  with np.load(wd / "stages" / "gradients.npz") as z:  # L_util = CE of the solutions
+    assert z["util_tokens"] > 6 * 10

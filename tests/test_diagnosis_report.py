@@ -129,3 +129,26 @@ def test_write_report_round_trips_and_writes_pngs(inputs, tmp_path):
   assert f"| {c.min():.4f} |" in text and f"| {c.max():.4f} |" in text
   assert "| gradients | 1.5 |" in text
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cast_jax-tmp")]
+
+
+def test_kv_head_units_are_named_and_recorded(inputs, tmp_path):
+  """A k / v map: U = 5 KV heads per layer, each removing 2 query heads (group 2)."""
+  sc = inputs["sc"]
+  rec = report.conflict_map(sc, inputs["cos"], inputs["frac_safe"], inputs["frac_util"],
+                            base_accuracy=0.5, base_refusal_rate=0.25, num_buckets=M,
+                            model={"name": "toy"}, calibration={}, target="v", unit="kv_head",
+                            group=2)
+  assert (rec["target"], rec["unit"], rec["num_units"], rec["num_units_total"]) == (
+      "v", "kv_head", H, L * H)
+  assert rec["unit_query_heads"] == [[2 * u, 2 * u + 1] for u in range(H)]
+  assert rec["heads"] == inputs["record"]["heads"]  # same tables, only the naming differs
+  buckets = report.bucket_record(np.asarray(rec["heads"]["c"]), M, unit="kv_head")
+  assert buckets["unit"] == "kv_head" and buckets["num_units_total"] == L * H
+  report.write_report(str(tmp_path), rec, buckets)
+  text = (tmp_path / "summary.md").read_text()
+  assert "target `v` projection" in text and f"{L} layers x {H} KV heads" in text
+  c = np.asarray(rec["heads"]["c"])
+  top = divmod(_hand_buckets(c, M)[0][0], H)
+  assert f"L{top[0]}KV{top[1]} ({c.max():.3f})" in text.split("Top")[1].split("\n")[0]
+  with pytest.raises(ValueError, match="unit='query'"):
+    report.bucket_record(c, M, unit="query")

@@ -1,9 +1,10 @@
-"""Optimization conflict O(h) of CAST section 3.2: per-query-head gradients of L_safe and L_util.
+"""Optimization conflict O(h) of CAST section 3.2: per-unit gradients of L_safe and L_util.
 
-A head's parameters are its slice of W_q: `params["layers"]["wq"]` is [L, D, H, Dh], so one
-backward pass of a loss gives every head's gradient as `grad[l, :, h, :]` (plus `bq[l, h]` when
-the architecture has a q bias and `include_bias`). A head's gradient vector is that slice
-flattened in (D, Dh) order, the bias [Dh] appended: P = D * Dh (+ Dh) numbers per head.
+The paper's unit is a query head and its parameters are its slice of W_q; `target` generalises
+this to K, V (one unit per KV head) and O (one unit per query head), see `diagnosis.targets`.
+One backward pass of a loss w.r.t. the whole target projection gives every unit's gradient as a
+slice (e.g. `grad_wq[l, :, h, :]`, plus `bq[l, h]` when the architecture has a bias and
+`include_bias`): per-unit vectors [L, U, P] (`targets.unit_vectors`), never one pass per unit.
 
 Losses follow the issue: summed response-token cross-entropy over the whole calibration set,
 divided by the set's number of target tokens; gradients of the per-batch sums are accumulated
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cast_jax.diagnosis import targets
 from cast_jax.models import ModelConfig, forward
 from cast_jax.models.decoder import Params
 from cast_jax.train.losses import sft_token_nll
@@ -28,17 +30,12 @@ DEFAULT_EPS = 1e-12
 
 
 def query_params(params: Params, include_bias: bool = False) -> dict[str, jnp.ndarray]:
-  """The differentiated leaves: {"wq": [L, D, H, Dh]} (+ "bq": [L, H, Dh] if asked and present)."""
-  q = {"wq": params["layers"]["wq"]}
-  if include_bias:
-    if "bq" not in params["layers"]:
-      raise ValueError("include_bias=True but the model has no q bias (config.attention_bias)")
-    q["bq"] = params["layers"]["bq"]
-  return q
+  """The q target's leaves: {"wq": [L, D, H, Dh]} (+ "bq": [L, H, Dh] if asked and present)."""
+  return targets.target_params(params, "q", include_bias)
 
 
-def _with_query(params: Params, q: dict[str, jnp.ndarray]) -> Params:
-  return dict(params, layers=dict(params["layers"], **q))
+def _with_leaves(params: Params, leaves: dict[str, jnp.ndarray]) -> Params:
+  return dict(params, layers=dict(params["layers"], **leaves))
 
 
 def response_ce_sum(params: Params, config: ModelConfig, batch: Batch
@@ -55,42 +52,42 @@ def response_ce_sum(params: Params, config: ModelConfig, batch: Batch
 
 
 def head_vectors(grads: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-  """{"wq": [L, D, H, Dh], optional "bq": [L, H, Dh]} -> per-head vectors [L, H, P] (module doc)."""
-  wq = grads["wq"]
-  L, D, H, Dh = wq.shape
-  vec = jnp.transpose(wq, (0, 2, 1, 3)).reshape(L, H, D * Dh)
-  if "bq" in grads:
-    vec = jnp.concatenate([vec, grads["bq"]], axis=-1)
-  return vec
+  """Gradient leaves of one target ({"wq", optional "bq"}, {"wk", ...}, ..., {"wo"}) -> per-unit
+  vectors [L, U, P]: `targets.unit_vectors` (layout in `diagnosis.targets`)."""
+  return targets.unit_vectors(grads)
 
 
-def _batch_grad_sum(params, config, batch, include_bias):
-  """Gradient of the batch's summed CE w.r.t. the query leaves, float32, and its token count."""
+def _batch_grad_sum(params, config, batch, include_bias, target="q"):
+  """Gradient of the batch's summed CE w.r.t. the target's leaves, float32, and its token count."""
 
-  def loss(q):
-    return response_ce_sum(_with_query(params, q), config, batch)
+  def loss(leaves):
+    return response_ce_sum(_with_leaves(params, leaves), config, batch)
 
-  g, n = jax.grad(loss, has_aux=True)(query_params(params, include_bias))
+  g, n = jax.grad(loss, has_aux=True)(targets.target_params(params, target, include_bias))
   return jax.tree.map(lambda x: x.astype(jnp.float32), g), n
 
 
-_batch_grad_sum_jit = jax.jit(_batch_grad_sum, static_argnames=("config", "include_bias"))
+_batch_grad_sum_jit = jax.jit(_batch_grad_sum,
+                              static_argnames=("config", "include_bias", "target"))
 
 
 def head_gradients(params: Params, config: ModelConfig, batches: Iterable[Batch], *,
-                   include_bias: bool = False) -> tuple[jnp.ndarray, float]:
-  """Per-head gradient of L = (sum of response-token CE over all batches) / (their token count).
+                   include_bias: bool = False, target: str = "q") -> tuple[jnp.ndarray, float]:
+  """Per-unit gradient of L = (sum of response-token CE over all batches) / (their token count).
 
   Args:
     batches: training batches (`collate_train` dicts, [B, T]); equal shapes compile once.
-    include_bias: append each head's q-bias gradient (architectures with `attention_bias`).
+    include_bias: append each unit's bias gradient (q / k / v of architectures with
+      `attention_bias`).
+    target: "q" | "k" | "v" | "o" (`diagnosis.targets`); "q" is the paper's query heads.
   Returns:
-    (float32 [L, H, P] per-head gradients (P in the module doc), total target tokens).
+    (float32 [L, U, P] per-unit gradients (U, P in `diagnosis.targets`), total target tokens).
   """
+  targets.check_target(target)
   total, count = None, 0.0
   for batch in batches:
     g, n = _batch_grad_sum_jit(params, config, {k: jnp.asarray(v) for k, v in batch.items()},
-                               include_bias)
+                               include_bias, target)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     count += float(n)
   if total is None or count == 0:
@@ -113,30 +110,31 @@ def optimization_conflict(g_safe: jnp.ndarray, g_util: jnp.ndarray, eps: float =
                           ) -> tuple[np.ndarray, np.ndarray]:
   """O(h) = (1 - cos(g_safe(h), g_util(h))) / 2, Eq. 2.
 
-  Args: g_safe, g_util [L, H, P] from `head_gradients`. Returns (cos, O), float64 [L, H].
+  Args: g_safe, g_util [L, U, P] from `head_gradients`. Returns (cos, O), float64 [L, U].
   """
   cos = np.asarray(head_cosine(g_safe, g_util, eps), np.float64)
   return cos, (1.0 - cos) / 2.0
 
 
-def _example_cosines(params, config, batch, reference, include_bias, eps):
-  """cos of each row's own gradient with `reference` [L, H, P]: [B, L, H], and row has targets."""
+def _example_cosines(params, config, batch, reference, include_bias, eps, target="q"):
+  """cos of each row's own gradient with `reference` [L, U, P]: [B, L, U], and row has targets."""
 
   def one(ids, attn, loss_mask):
     row = {"input_ids": ids[None], "attention_mask": attn[None], "loss_mask": loss_mask[None]}
-    g, n = _batch_grad_sum(params, config, row, include_bias)
-    return head_cosine(head_vectors(g), reference, eps), n > 0
+    g, n = _batch_grad_sum(params, config, row, include_bias, target)
+    return head_cosine(targets.unit_vectors(g), reference, eps), n > 0
 
   return jax.vmap(one)(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 
 
-_example_cosines_jit = jax.jit(_example_cosines, static_argnames=("config", "include_bias", "eps"))
+_example_cosines_jit = jax.jit(_example_cosines,
+                               static_argnames=("config", "include_bias", "eps", "target"))
 
 
 def conflict_fraction(params: Params, config: ModelConfig, batches: Iterable[Batch],
                       reference: jnp.ndarray, *, include_bias: bool = False,
-                      eps: float = DEFAULT_EPS) -> np.ndarray:
-  """Fraction of examples whose own gradient conflicts (cos < 0) with `reference`, per head.
+                      eps: float = DEFAULT_EPS, target: str = "q") -> np.ndarray:
+  """Fraction of examples whose own gradient conflicts (cos < 0) with `reference`, per unit.
 
   Each row's gradient (of its own summed CE; the normalisation does not change a sign) comes
   from a `jax.vmap` over the rows of a batch. Typical use: the rows of D_safe against the set
@@ -144,16 +142,19 @@ def conflict_fraction(params: Params, config: ModelConfig, batches: Iterable[Bat
   tokens (batch padding) are not counted.
 
   Args:
-    batches: `collate_train` dicts [B, T]; memory grows with B times the size of W_q.
-    reference: [L, H, P] per-head gradient of the other objective (`head_gradients`).
+    batches: `collate_train` dicts [B, T]; memory grows with B times the target's weight size.
+    reference: [L, U, P] per-unit gradient of the other objective (`head_gradients`, same
+      target and include_bias).
+    target: "q" | "k" | "v" | "o" (`diagnosis.targets`).
   Returns:
-    float64 [L, H] in [0, 1].
+    float64 [L, U] in [0, 1].
   """
+  targets.check_target(target)
   conflicts, rows = 0.0, 0
   for batch in batches:
     cos, real = _example_cosines_jit(params, config,
                                      {k: jnp.asarray(v) for k, v in batch.items()},
-                                     jnp.asarray(reference), include_bias, eps)
+                                     jnp.asarray(reference), include_bias, eps, target)
     cos, real = np.asarray(cos), np.asarray(real)
     conflicts = conflicts + (cos[real] < 0).sum(axis=0)
     rows += int(real.sum())

@@ -3,8 +3,14 @@ with every per-head number, the M equal buckets, layers x heads heatmaps and a s
 
 `conflict_map` and `bucket_record` are pure functions from the library's outputs (arrays in,
 JSON-ready dicts out); `write_report` writes them, each file atomically (`cast_jax.workdir`),
-so a killed run never leaves a half-written artifact. Heads are addressed as (layer, head),
-both 0-based; "flat" indices are layer * H + head, as in `scores.ranking`.
+so a killed run never leaves a half-written artifact.
+
+Units: the map is over the units of the diagnosed projection (`diagnosis.targets`): query heads
+for target q / o (unit "head"), KV heads for k / v (unit "kv_head"). Tables are [L, U]; a unit
+is addressed as (layer, unit), both 0-based, and "flat" indices are layer * U + unit, as in
+`scores.ranking`. The record names the target and the unit; "num_heads" / "num_heads_total"
+(kept for the paper's q case) count units, the same as "num_units" / "num_units_total", and
+"unit_query_heads" lists the query heads ablating each unit removes.
 
 Buckets follow `scores.buckets`: heads sorted by C descending (ties by flat index ascending);
 bucket i (B1 = highest C) takes sorted positions [floor((i-1) N / M), floor(i N / M)), so when
@@ -29,29 +35,44 @@ PER_HEAD_FIELDS = ("cos", "o", "conflict_fraction_safe", "conflict_fraction_util
                    "h_safe", "rank_gen", "rank_safe", "s", "c", "bucket")
 
 
+UNIT_LABELS = {"head": "H", "kv_head": "KV"}
+
+
 def _flat_heads(order: np.ndarray, num_heads: int) -> list[list[int]]:
   return [[int(i) // num_heads, int(i) % num_heads] for i in order]
 
 
+def _check_unit(unit: str, group: int) -> None:
+  if unit not in UNIT_LABELS:
+    raise ValueError(f"unit={unit!r}: use one of {', '.join(UNIT_LABELS)}")
+  if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    raise ValueError(f"group={group!r}: use an integer >= 1 (query heads per unit)")
+
+
 def conflict_map(scores: scores_lib.ConflictScores, cos, fraction_safe, fraction_util, *,
                  base_accuracy: float, base_refusal_rate: float, num_buckets: int,
-                 model: Mapping[str, Any], calibration: Mapping[str, Any]) -> dict[str, Any]:
-  """The conflict-map record: run metadata plus every per-head table as nested lists [L][H].
+                 model: Mapping[str, Any], calibration: Mapping[str, Any], target: str = "q",
+                 unit: str = "head", group: int = 1) -> dict[str, Any]:
+  """The conflict-map record: run metadata plus every per-unit table as nested lists [L][U].
 
   Args:
-    scores: `scores.score_heads(o, h_gen, h_safe, m=num_buckets)`, tables [L, H].
-    cos: [L, H] cosine of the set gradients of L_safe and L_util (`optimization_conflict`).
-    fraction_safe: [L, H] fraction of D_safe examples whose own gradient has cos < 0 with the
+    scores: `scores.score_heads(o, h_gen, h_safe, m=num_buckets)`, tables [L, U].
+    cos: [L, U] cosine of the set gradients of L_safe and L_util (`optimization_conflict`).
+    fraction_safe: [L, U] fraction of D_safe examples whose own gradient has cos < 0 with the
       L_util set gradient (`conflict_fraction`); fraction_util: the same for D_util vs L_safe.
     base_accuracy, base_refusal_rate: the unablated model on D_util / D_safe.
     num_buckets: M, as used for `scores.bucket`.
     model: e.g. {"name": ..., "num_layers": L, "num_heads": H, ...}.
     calibration: sizes and settings (n_safe, n_util, seed, gen_len, ...).
+    target: the diagnosed projection, "q" | "k" | "v" | "o" (recorded as given).
+    unit: "head" (q / o) or "kv_head" (k / v); group: query heads one unit's ablation zeroes.
   Returns:
-    JSON-ready dict: "model", "calibration", "base", "num_heads_total", "num_buckets",
-    "bucket_rule", "heads" {field: [L][H]} for PER_HEAD_FIELDS, and "rankings" {"c", "o", "s"}
-    as lists of [layer, head], highest first.
+    JSON-ready dict: "model", "calibration", "base", "target", "unit", "num_units(_total)",
+    "num_heads(_total)" (= units, module doc), "unit_query_heads", "num_buckets",
+    "bucket_rule", "heads" {field: [L][U]} for PER_HEAD_FIELDS, and "rankings" {"c", "o", "s"}
+    as lists of [layer, unit], highest first.
   """
+  _check_unit(unit, group)
   L, H = np.shape(scores.c)
   tables = {"cos": cos, "o": scores.o, "conflict_fraction_safe": fraction_safe,
             "conflict_fraction_util": fraction_util, "h_gen": scores.h_gen,
@@ -66,19 +87,23 @@ def conflict_map(scores: scores_lib.ConflictScores, cos, fraction_safe, fraction
   return {
       "model": dict(model), "calibration": dict(calibration),
       "base": {"accuracy": float(base_accuracy), "refusal_rate": float(base_refusal_rate)},
-      "num_layers": int(L), "num_heads": int(H), "num_heads_total": int(L * H),
+      "target": str(target), "unit": unit, "num_layers": int(L), "num_units": int(H),
+      "num_units_total": int(L * H), "num_heads": int(H), "num_heads_total": int(L * H),
+      "unit_query_heads": [list(range(u * group, (u + 1) * group)) for u in range(H)],
       "num_buckets": int(num_buckets), "bucket_rule": BUCKET_RULE, "heads": heads,
       "rankings": {k: _flat_heads(getattr(scores, f"ranking_{k}"), H) for k in ("c", "o", "s")},
   }
 
 
-def bucket_record(c, num_buckets: int) -> dict[str, Any]:
-  """buckets.json: the M equal buckets of heads by C (rule in the module doc).
+def bucket_record(c, num_buckets: int, unit: str = "head") -> dict[str, Any]:
+  """buckets.json: the M equal buckets of units by C (rule in the module doc).
 
-  Args: c [L, H] conflict scores; num_buckets M with 1 <= M <= L * H.
-  Returns: {"num_buckets", "num_heads_total", "rule", "buckets": [{"bucket": i, "size",
-  "heads": [[layer, head], ...] in descending C, "c": [...], "c_min", "c_max"}, ...]}.
+  Args: c [L, U] conflict scores; num_buckets M with 1 <= M <= L * U; unit as `conflict_map`.
+  Returns: {"num_buckets", "unit", "num_units_total", "num_heads_total" (the same), "rule",
+  "buckets": [{"bucket": i, "size", "heads": [[layer, unit], ...] in descending C, "c": [...],
+  "c_min", "c_max"}, ...]}.
   """
+  _check_unit(unit, 1)
   c = np.asarray(c, np.float64)
   H = c.shape[-1]
   flat = c.reshape(-1)
@@ -87,15 +112,16 @@ def bucket_record(c, num_buckets: int) -> dict[str, Any]:
     vals = flat[heads]
     out.append({"bucket": i + 1, "size": int(heads.size), "heads": _flat_heads(heads, H),
                 "c": vals.tolist(), "c_max": float(vals.max()), "c_min": float(vals.min())})
-  return {"num_buckets": int(num_buckets), "num_heads_total": int(flat.size),
-          "rule": BUCKET_RULE, "buckets": out}
+  return {"num_buckets": int(num_buckets), "unit": unit, "num_units_total": int(flat.size),
+          "num_heads_total": int(flat.size), "rule": BUCKET_RULE, "buckets": out}
 
 
 def _fmt_heads(record: Mapping[str, Any], k: int, top: bool) -> str:
   c = np.asarray(record["heads"]["c"])
   order = record["rankings"]["c"]
   picked = order[:k] if top else order[::-1][:k]
-  return ", ".join(f"L{l}H{h} ({c[l, h]:.3f})" for l, h in picked)
+  label = UNIT_LABELS[record.get("unit", "head")]
+  return ", ".join(f"L{l}{label}{h} ({c[l, h]:.3f})" for l, h in picked)
 
 
 def _base_safety(record: Mapping[str, Any]) -> str:
@@ -119,18 +145,21 @@ def summary_markdown(record: Mapping[str, Any], times_s: Mapping[str, float] | N
   ratio = f"{q[4] / q[0]:.2f}" if q[0] > 0 else "inf"
   model = record["model"]
   cal = record["calibration"]
+  unit = record.get("unit", "head")
+  what = "query heads" if unit == "head" else "KV heads"
   lines = [
       "# Conflict map summary", "",
-      f"Model: `{model.get('name', '?')}` ({record['num_layers']} layers x "
-      f"{record['num_heads']} query heads = {record['num_heads_total']} heads).",
+      f"Model: `{model.get('name', '?')}`; target `{record.get('target', 'q')}` projection, "
+      f"{record['num_layers']} layers x {record['num_heads']} {what} = "
+      f"{record['num_heads_total']} units ({unit}).",
       "Calibration: " + ", ".join(f"{k_}={v}" for k_, v in sorted(cal.items())) + ".",
       f"Base model: D_util accuracy {record['base']['accuracy']:.3f}, " + _base_safety(record),
       "",
       "## Spread of C = O * S", "",
       "| min | q25 | median | q75 | max | std | max/min |", "|---|---|---|---|---|---|---|",
       "| " + " | ".join(f"{v:.4f}" for v in q) + f" | {c.std():.4f} | {ratio} |", "",
-      f"Top {k} heads by C (Risky Zone): {_fmt_heads(record, k, True)}.", "",
-      f"Bottom {k} heads by C (Safe Zone): {_fmt_heads(record, k, False)}.", "",
+      f"Top {k} units by C (Risky Zone): {_fmt_heads(record, k, True)}.", "",
+      f"Bottom {k} units by C (Safe Zone): {_fmt_heads(record, k, False)}.", "",
       f"Buckets: M = {record['num_buckets']}; {record['bucket_rule']}.",
   ]
   rho = record.get("proxy_spearman")
@@ -146,8 +175,8 @@ def summary_markdown(record: Mapping[str, Any], times_s: Mapping[str, float] | N
   return "\n".join(lines) + "\n"
 
 
-def heatmap_figure(table, title: str):
-  """A matplotlib figure of a [L, H] table: layers on the y axis (0 at the top), heads on x."""
+def heatmap_figure(table, title: str, unit: str = "head"):
+  """A matplotlib figure of a [L, U] table: layers on the y axis (0 at the top), units on x."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -156,7 +185,7 @@ def heatmap_figure(table, title: str):
   L, H = t.shape
   fig, ax = plt.subplots(figsize=(min(2 + 0.35 * H, 16), min(1.5 + 0.3 * L, 14)))
   im = ax.imshow(t, aspect="auto", cmap="viridis", interpolation="nearest")
-  ax.set(title=title, xlabel="head", ylabel="layer")
+  ax.set(title=title, xlabel=unit.replace("_", " "), ylabel="layer")
   fig.colorbar(im, ax=ax)
   return fig
 
@@ -169,9 +198,11 @@ def write_report(out_dir: str, record: Mapping[str, Any], buckets: Mapping[str, 
            "buckets": wd.write_json(os.path.join(out_dir, "buckets.json"), buckets)}
   titles = {"c": "conflict score C = O * S", "o": "optimization conflict O",
             "s": "functional sensitivity S"}
+  target = record.get("target", "q")
+  unit = record.get("unit", "head")
   for key, title in titles.items():
-    paths[f"heatmap_{key}"] = wd.save_figure(heatmap_figure(record["heads"][key], title),
-                                             os.path.join(out_dir, f"heatmap_{key}.png"))
+    fig = heatmap_figure(record["heads"][key], f"{title} (target {target})", unit)
+    paths[f"heatmap_{key}"] = wd.save_figure(fig, os.path.join(out_dir, f"heatmap_{key}.png"))
   text = summary_markdown(record, times_s)
   paths["summary"] = wd.atomic_write_bytes(os.path.join(out_dir, "summary.md"), text.encode())
   return paths

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,10 @@ import numpy as np
 
 from cast_jax import data
 from cast_jax.data.chat import special_token_ids
+from cast_jax.diagnosis import layer_sweep
+from cast_jax.diagnosis.head_ablation import num_units
+from cast_jax.diagnosis.mask_sharding import map_over_masks, mask_mesh
 from cast_jax.diagnosis.sensitivity import layer_head_masks
-from cast_jax.eval import batching
 from cast_jax.models import ModelConfig, forward
 from cast_jax.models.decoder import Params
 from cast_jax.models.layer_skip import forward_from_layer
@@ -94,23 +96,24 @@ def _base_pass(params, config, input_ids, attention_mask, weights, *, k):
   return _target_logprobs(logits, input_ids, weights), got["residual"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "k"))
+@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "k", "mesh"))
 def _layer_pass(params, config, hidden, input_ids, attention_mask, weights, masks, *, layer,
-                mask_block, k):
+                mask_block, k, mesh):
   """Target log-prob sums [M, B] under each of M masks [M, L - layer, H], from layer's input."""
   at = list(range(-k - 1, -1))
 
-  def one(hm):
+  def one(hm, params, hidden, input_ids, attention_mask, weights):
     logits = forward_from_layer(params, config, hidden, layer, attention_mask=attention_mask,
                                 head_mask=hm, logits_at=at)
     return _target_logprobs(logits, input_ids, weights)
 
-  return jax.lax.map(one, masks, batch_size=mask_block)
+  return map_over_masks(one, masks, (params, hidden, input_ids, attention_mask, weights),
+                        batch_size=mask_block, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProxySweep:
-  """base_logprob float64 [N] and logprob [L, H, N] (head (l, h) zeroed): each row's summed
+  """base_logprob float64 [N] and logprob [L, U, N] (unit (l, u) zeroed): each row's summed
   target-token log-probs; n_targets int [N] target tokens per row."""
   base_logprob: np.ndarray
   logprob: np.ndarray
@@ -123,51 +126,65 @@ class ProxySweep:
 
   @property
   def mean(self) -> np.ndarray:
-    """float64 [L, H]: the same under each single-head ablation."""
+    """float64 [L, U]: the same under each unit ablation."""
     return self.logprob.sum(-1) / self.n_targets.sum()
 
   @property
   def h_safe(self) -> np.ndarray:
-    """|lp(ablated) - lp(base)|, the teacher-forced H_safe proxy: float64 [L, H]."""
+    """|lp(ablated) - lp(base)|, the teacher-forced H_safe proxy: float64 [L, U]."""
     return np.abs(self.mean - self.base_mean)
 
 
 def proxy_safety_sweep(params: Params, config: ModelConfig, sequences: Sequence[Sequence[int]],
                        n_targets, *, pad_id: int, batch_size: int = 16,
-                       mask_block: int | None = None) -> ProxySweep:
-  """Teacher-forced refusal log-probs on D_safe under every single-head ablation.
+                       mask_block: int | None = None, group: int = 1,
+                       layer_block: int | None = None,
+                       done: Mapping[str, np.ndarray] | None = None,
+                       on_block: Callable[[str, np.ndarray], None] | None = None,
+                       progress: Callable[[float], None] | None = None,
+                       devices: Any = None) -> ProxySweep:
+  """Teacher-forced refusal log-probs on D_safe under every unit ablation.
 
   Args:
     sequences: N token lists, prompt + refusal opening (`proxy_examples`).
     n_targets: int [N], k_n >= 1: the last k_n tokens of row n are the scored targets.
     pad_id: id used for left padding (masked out).
     batch_size: rows per chunk (length-sorted, fixed-shape: `eval.batching.prompt_chunks`).
-    mask_block: masks vmapped at once within a layer (default: all H heads of the layer).
+    mask_block: masks vmapped at once within a layer (default: all U units of the layer).
+    group: query heads per ablation unit (must divide H); U = H // group.
+    layer_block, done, on_block, progress: resumable blocks of layers (`layer_sweep.run`):
+      done {key: float64 [b - a, U, N]}, on_block(key, logprob [b - a, U, N]).
+    devices: the devices each layer's masks are split over (default all; one: unsharded).
   Returns:
-    ProxySweep; logprob[l, h] equals teacher forcing with head_mask zero at (l, h) only.
+    ProxySweep; logprob[l, u] equals teacher forcing with head_mask zero on unit (l, u) only.
   """
-  L, H = config.num_layers, config.num_heads
+  U = num_units(config, group)
   n_targets = np.asarray(n_targets, np.int64)
   N = len(sequences)
   if n_targets.shape != (N,) or (n_targets < 1).any():
     raise ValueError(f"proxy_safety_sweep: n_targets must be [N={N}] of ints >= 1")
   if any(len(s) <= k for s, k in zip(sequences, n_targets)):
     raise ValueError("proxy_safety_sweep: every row needs >= 1 prompt token before its targets")
-  block = H if mask_block is None else int(mask_block)
+  block = U if mask_block is None else int(mask_block)
+  mesh = mask_mesh(devices)
   k_max = int(n_targets.max())
-  base = np.zeros(N, np.float64)
-  out = np.zeros((L, H, N), np.float64)
-  for chunk in batching.prompt_chunks(sequences, batch_size, pad_id):
-    real = len(chunk.indices)
+  chunks = layer_sweep.prompt_chunks(sequences, batch_size, pad_id)
+  for chunk in chunks:
     k = min(k_max, chunk.input_ids.shape[1] - 1)  # every row here is longer than its own k_n
-    ks = n_targets[np.concatenate([chunk.indices,
-                                   np.repeat(chunk.indices[:1], batch_size - real)])]
-    weights = jnp.asarray((np.arange(k)[None] >= k - ks[:, None]).astype(np.float32))
-    ids, attn = jnp.asarray(chunk.input_ids), jnp.asarray(chunk.attention_mask)
-    lp, residual = _base_pass(params, config, ids, attn, weights, k=k)
-    base[chunk.indices] = np.asarray(lp)[:real]
-    for layer in range(L):
-      got = _layer_pass(params, config, residual[layer], ids, attn, weights,
-                        layer_head_masks(config, layer), layer=layer, mask_block=block, k=k)
-      out[layer][:, chunk.indices] = np.asarray(got)[:, :real]
+    ks = n_targets[layer_sweep.rows(chunk)]
+    chunk.extra.update(k=k, weights=jnp.asarray(
+        (np.arange(k)[None] >= k - ks[:, None]).astype(np.float32)))
+
+  def base_fn(c):
+    return _base_pass(params, config, c.input_ids, c.attention_mask, c.extra["weights"],
+                      k=c.extra["k"])
+
+  def layer_fn(c, hidden, layer, masks):
+    return _layer_pass(params, config, hidden, c.input_ids, c.attention_mask, c.extra["weights"],
+                       masks, layer=layer, mask_block=block, k=c.extra["k"], mesh=mesh)
+
+  base, out = layer_sweep.run(
+      params, config, chunks, N, base_fn=base_fn, layer_fn=layer_fn,
+      layer_masks=lambda layer: layer_head_masks(config, layer, group), group=group,
+      dtype=np.float64, layer_block=layer_block, done=done, on_block=on_block, progress=progress)
   return ProxySweep(base, out, n_targets)

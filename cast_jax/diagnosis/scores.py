@@ -1,8 +1,9 @@
 """Conflict scores of CAST section 3.3-3.5: percentile ranks, S, C, O-/S-only rankings, buckets.
 
-Everything here is numpy on [L, H] (or any shaped) tables of per-head values: the expensive
-parts (gradients, ablation sweep) happen elsewhere, this is the cheap arithmetic on their
-results, kept separate so the rules (ties, buckets) are stated once.
+Everything here is numpy on [L, U] (or any shaped) tables of per-unit values, a unit being a
+query head (targets q / o) or a KV head (k / v, `diagnosis.targets`); the docs below say "head"
+for either. The expensive parts (gradients, ablation sweep) happen elsewhere, this is the cheap
+arithmetic on their results, kept separate so the rules (ties, buckets) are stated once.
 
 Tie rule for percentile ranks: heads with equal values share the mean of the ordinal ranks
 they span (1-based, ascending), and rank r maps to (r - 1) / (N - 1), so the smallest value

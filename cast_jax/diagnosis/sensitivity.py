@@ -10,33 +10,48 @@ that only zeroes heads of layers >= l, so it is computed once per prompt chunk (
 collect=("residual",))`) and the masks of layer l's heads run layers [l, L) only
 (`models.layer_skip.forward_from_layer`): on average half the layers of a full forward. The
 safety half cannot skip that way: every decoding step of the layers below l reads tokens that
-the ablation above changed, so its masks run whole `generate` programs, M masks at a time.
+the ablation above changed, so its masks run whole decoding programs, M masks at a time.
+
+Ablation units (`group`): unit u of layer l zeroes query heads [u * group, (u + 1) * group)
+(`head_ablation.unit_masks`); results are [L, H // group, ...]. Resume: both sweeps take the
+blocks an earlier run finished (`done`) and report each new one (`on_block`): blocks of layers
+for the MCQ sweep (`layer_sweep`), blocks of `mask_block` masks for the safety sweep. With
+several devices each block of masks is split over them (`mask_sharding`); with one, the
+program is the plain vmapped one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cast_jax import generate as gen
+from cast_jax.diagnosis import layer_sweep
 from cast_jax.diagnosis.calibration import MCQSet
+from cast_jax.diagnosis.head_ablation import num_units, unit_masks
+from cast_jax.diagnosis.mask_sharding import map_over_masks, mask_mesh
 from cast_jax.eval import batching, mcq
 from cast_jax.eval.refusal import Judge, Verdict, score_refusals
-from cast_jax.generate import generate
 from cast_jax.models import ModelConfig, forward
 from cast_jax.models.decoder import Params
 from cast_jax.models.layer_skip import forward_from_layer
 
 
-def layer_head_masks(config: ModelConfig, layer: int) -> jnp.ndarray:
-  """float32 [H, L - layer, H]: mask h zeroes head h of `layer`, over the layers [layer, L)."""
-  L, H = config.num_layers, config.num_heads
-  masks = jnp.ones((H, L - layer, H), jnp.float32)
-  return masks.at[jnp.arange(H), 0, jnp.arange(H)].set(0.0)
+def layer_head_masks(config: ModelConfig, layer: int, group: int = 1) -> jnp.ndarray:
+  """float32 [U, L - layer, H], U = H // group: mask u zeroes unit u of `layer` (query heads
+  [u * group, (u + 1) * group)), over the layers [layer, L)."""
+  L, H, U = config.num_layers, config.num_heads, num_units(config, group)
+  if not 0 <= layer < L:
+    raise ValueError(f"layer_head_masks: layer={layer} outside [0, {L})")
+  masks = np.ones((U, L - layer, H), np.float32)
+  for u in range(U):
+    masks[u, 0, u * group:(u + 1) * group] = 0.0
+  return jnp.asarray(masks)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -47,21 +62,23 @@ def _base_pass(params, config, input_ids, attention_mask, choice_ids):
   return mcq.restricted_argmax(logits[:, 0], choice_ids), got["residual"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block"))
-def _layer_pass(params, config, hidden, attention_mask, choice_ids, masks, *, layer, mask_block):
-  """Letter predictions [H, B] with each head of `layer` zeroed, from that layer's input."""
+@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "mesh"))
+def _layer_pass(params, config, hidden, attention_mask, choice_ids, masks, *, layer, mask_block,
+                mesh):
+  """Letter predictions [U, B] with each unit of `layer` zeroed, from that layer's input."""
 
-  def one(hm):
+  def one(hm, params, hidden, attention_mask, choice_ids):
     logits = forward_from_layer(params, config, hidden, layer, attention_mask=attention_mask,
                                 head_mask=hm, logits_at=[-1])
     return mcq.restricted_argmax(logits[:, 0], choice_ids)
 
-  return jax.lax.map(one, masks, batch_size=mask_block)
+  return map_over_masks(one, masks, (params, hidden, attention_mask, choice_ids),
+                        batch_size=mask_block, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
 class MCQSweep:
-  """base_predictions [N], predictions [L, H, N] (head (l, h) zeroed), answers [N]: int32."""
+  """base_predictions [N], predictions [L, U, N] (unit (l, u) zeroed), answers [N]: int32."""
   base_predictions: np.ndarray
   predictions: np.ndarray
   answers: np.ndarray
@@ -72,44 +89,52 @@ class MCQSweep:
 
   @property
   def accuracy(self) -> np.ndarray:
-    """float64 [L, H]."""
+    """float64 [L, U]."""
     return (self.predictions == self.answers).mean(axis=-1)
 
   @property
   def h_gen(self) -> np.ndarray:
-    """|Acc(ablated) - Acc(base)|, Eq. 3: float64 [L, H]."""
+    """|Acc(ablated) - Acc(base)|, Eq. 3: float64 [L, U]."""
     return np.abs(self.accuracy - self.base_accuracy)
 
 
 def mcq_sweep(params: Params, config: ModelConfig, mcq_set: MCQSet, *, pad_id: int,
-              batch_size: int = 16, mask_block: int | None = None) -> MCQSweep:
-  """Letter predictions on D_util under every single-head ablation, with layer skipping.
+              batch_size: int = 16, mask_block: int | None = None, group: int = 1,
+              layer_block: int | None = None, done: Mapping[str, np.ndarray] | None = None,
+              on_block: Callable[[str, np.ndarray], None] | None = None,
+              progress: Callable[[float], None] | None = None, devices: Any = None) -> MCQSweep:
+  """Letter predictions on D_util under every unit ablation, with layer skipping.
 
   Args:
     mcq_set: from `calibration.util_calibration`.
     pad_id: id used for left padding (masked out).
     batch_size: prompts per chunk (chunks are length-sorted, fixed-shape: `eval.batching`).
-    mask_block: masks vmapped at once within a layer (default: all H heads of the layer).
+    mask_block: masks vmapped at once within a layer (default: all U units of the layer).
+    group: query heads per ablation unit (must divide H); U = H // group.
+    layer_block, done, on_block, progress: resumable blocks of layers (`layer_sweep.run`):
+      done {key: int32 [b - a, U, N]}, on_block(key, predictions [b - a, U, N]).
+    devices: the devices each layer's masks are split over (default all; one: unsharded).
   Returns:
-    MCQSweep; predictions[l, h] equals scoring with head_mask zero at (l, h) only.
+    MCQSweep; predictions[l, u] equals scoring with head_mask zero on unit (l, u) only.
   """
-  L, H = config.num_layers, config.num_heads
-  N = len(mcq_set.prompt_ids)
-  block = H if mask_block is None else int(mask_block)
-  base = np.zeros(N, np.int32)
-  preds = np.zeros((L, H, N), np.int32)
-  for chunk in batching.prompt_chunks(mcq_set.prompt_ids, batch_size, pad_id):
-    rows = np.concatenate([chunk.indices, np.repeat(chunk.indices[:1],
-                                                    batch_size - len(chunk.indices))])
-    ids, attn = jnp.asarray(chunk.input_ids), jnp.asarray(chunk.attention_mask)
-    choice = jnp.asarray(mcq_set.choice_ids[rows])
-    real = len(chunk.indices)
-    pred, residual = _base_pass(params, config, ids, attn, choice)
-    base[chunk.indices] = np.asarray(pred)[:real]
-    for layer in range(L):
-      got = _layer_pass(params, config, residual[layer], attn, choice,
-                        layer_head_masks(config, layer), layer=layer, mask_block=block)
-      preds[layer][:, chunk.indices] = np.asarray(got)[:, :real]
+  U = num_units(config, group)
+  block = U if mask_block is None else int(mask_block)
+  mesh = mask_mesh(devices)
+  chunks = layer_sweep.prompt_chunks(mcq_set.prompt_ids, batch_size, pad_id)
+  for chunk in chunks:
+    chunk.extra["choice"] = jnp.asarray(mcq_set.choice_ids[layer_sweep.rows(chunk)])
+
+  def base_fn(chunk):
+    return _base_pass(params, config, chunk.input_ids, chunk.attention_mask, chunk.extra["choice"])
+
+  def layer_fn(chunk, hidden, layer, masks):
+    return _layer_pass(params, config, hidden, chunk.attention_mask, chunk.extra["choice"], masks,
+                       layer=layer, mask_block=block, mesh=mesh)
+
+  base, preds = layer_sweep.run(
+      params, config, chunks, len(mcq_set.prompt_ids), base_fn=base_fn, layer_fn=layer_fn,
+      layer_masks=lambda layer: layer_head_masks(config, layer, group), group=group,
+      dtype=np.int32, layer_block=layer_block, done=done, on_block=on_block, progress=progress)
   return MCQSweep(base, preds, np.asarray(mcq_set.answers, np.int32))
 
 
@@ -120,51 +145,125 @@ def _eos_ids(config: ModelConfig, tokenizer: Any) -> list[int]:
   return sorted(eos)
 
 
-def refusals_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
-                         prompt_ids: Sequence[Sequence[int]], head_masks, *,
-                         max_new_tokens: int = 64, pad_id: int, batch_size: int = 16,
-                         mask_block: int = 8, judge: Judge | None = None,
-                         judge_prompts: Sequence[str] | None = None) -> np.ndarray:
-  """Refusal decisions of greedy generations under each of M head masks.
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "pad", "mesh"))
+def _sharded_greedy(params, input_ids, attention_mask, masks, *, config, max_new_tokens, eos, pad,
+                    mesh):
+  """Greedy tokens [M, B, N] and lengths [M, B] under masks [M, L, H], the masks split over
+  `mesh` and each device decoding its share as one vmapped loop (`generate`'s own program)."""
+
+  def one(hm, params, input_ids, attention_mask):
+    return gen._generate_impl(params, input_ids, attention_mask, jax.random.PRNGKey(0), hm, None,
+                              config=config, max_new_tokens=max_new_tokens, eos=eos, pad=pad,
+                              temperature=0.0, top_p=1.0, adapter_fn=None, cache_sharding=None)
+
+  return map_over_masks(one, masks, (params, input_ids, attention_mask),
+                        batch_size=masks.shape[0], mesh=mesh)
+
+
+def _greedy_under_masks(params, config, chunk, block, *, max_new_tokens, eos, pad, mesh):
+  """(tokens [M, B, N], lengths [M, B]) numpy: greedy decoding of one chunk under M masks."""
+  if mesh is None:
+    out = gen.generate(params, config, chunk.input_ids, chunk.attention_mask,
+                       max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad,
+                       head_mask=jnp.asarray(block), prompt_bucket=1)
+    return out.tokens, out.lengths
+  # Same checks as the unsharded path (ids, mask shapes, pad id); then the sharded program.
+  gen.generate(params, config, chunk.input_ids, chunk.attention_mask, max_new_tokens=0,
+               eos_token_ids=eos, pad_token_id=pad, head_mask=jnp.asarray(block[0]))
+  tokens, lengths = _sharded_greedy(
+      params, jnp.asarray(chunk.input_ids, jnp.int32), jnp.asarray(chunk.attention_mask,
+                                                                   jnp.int32),
+      jnp.asarray(block), config=config, max_new_tokens=int(max_new_tokens), eos=tuple(eos),
+      pad=int(pad), mesh=mesh)
+  return np.asarray(tokens), np.asarray(lengths)
+
+
+def decode_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
+                       prompt_ids: Sequence[Sequence[int]], head_masks, *, max_new_tokens: int,
+                       pad_id: int, batch_size: int = 16, mask_block: int = 8,
+                       devices: Any = None) -> list[list[str]]:
+  """Greedy responses to N prompts under each of M head masks, decoded to text.
 
   Args:
-    prompt_ids: N token lists of rendered prompts (`calibration.safety_prompt_ids`).
-    head_masks: [M, L, H]; `mask_block` of them decode together (one vmapped `generate`).
-    judge: refusal rule (default keyword `KeywordJudge`); an empty response is no refusal.
-    judge_prompts: the raw requests the judge sees (default "" each; keyword rules ignore them).
+    prompt_ids: N token lists of rendered prompts.
+    head_masks: [M, L, H]; `mask_block` of them decode together (one vmapped program; a short
+      last block is filled with copies so every block compiles once per prompt shape).
+    max_new_tokens: greedy tokens per response (stops at the config's / tokenizer's EOS).
+    pad_id: id used for left padding and after EOS.
+    batch_size: prompts per chunk (length-sorted, fixed-shape: `eval.batching.prompt_chunks`).
+    devices: each block's masks are split over these (default all; one device: `generate`).
   Returns:
-    bool [M, N]: response n under mask m was judged a refusal.
+    [M][N] response strings, the EOS token stripped, special tokens skipped.
   """
   masks = np.asarray(head_masks, np.float32)
+  L, H = config.num_layers, config.num_heads
+  if masks.ndim != 3 or masks.shape[1:] != (L, H):
+    raise ValueError(f"decode_under_masks: head_masks must be [M, L={L}, H={H}], got "
+                     f"{masks.shape}")
+  mask_block = int(mask_block)
+  if mask_block < 1:
+    raise ValueError(f"decode_under_masks: mask_block={mask_block} must be >= 1")
+  if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+      or max_new_tokens < 0):
+    raise ValueError(f"decode_under_masks: max_new_tokens={max_new_tokens!r}; use an integer "
+                     ">= 0 (0 gives empty responses)")
+  mesh = mask_mesh(devices)
   M, N = masks.shape[0], len(prompt_ids)
   eos = _eos_ids(config, tokenizer)
-  judged = list(judge_prompts) if judge_prompts is not None else [""] * N
-  refused = np.zeros((M, N), bool)
+  texts = [[""] * N for _ in range(M)]
+  if max_new_tokens == 0:
+    return texts
   for chunk in batching.prompt_chunks(prompt_ids, batch_size, pad_id):
     real = len(chunk.indices)
     for start in range(0, M, mask_block):
       block = masks[start:start + mask_block]
       m = len(block)
-      # A short last block is filled with copies, so every block compiles to one program.
       block = np.concatenate([block, np.repeat(block[:1], mask_block - m, axis=0)])
-      out = generate(params, config, chunk.input_ids, chunk.attention_mask,
-                     max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=pad_id,
-                     head_mask=jnp.asarray(block), prompt_bucket=1)
+      tokens, lengths = _greedy_under_masks(params, config, chunk, block,
+                                            max_new_tokens=max_new_tokens, eos=eos, pad=pad_id,
+                                            mesh=mesh)
       for i in range(m):
-        texts = []
         for row in range(real):
-          ids = out.tokens[i, row, :out.lengths[i, row]].tolist()
+          ids = tokens[i, row, :lengths[i, row]].tolist()
           if ids and ids[-1] in eos:
             ids = ids[:-1]
-          texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-        verdicts, _ = score_refusals([judged[n] for n in chunk.indices], texts, judge)
-        refused[start + i, chunk.indices] = [v is Verdict.REFUSED for v in verdicts]
+          texts[start + i][chunk.indices[row]] = tokenizer.decode(ids, skip_special_tokens=True)
+  return texts
+
+
+def refusals_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
+                         prompt_ids: Sequence[Sequence[int]], head_masks, *,
+                         max_new_tokens: int = 64, pad_id: int, batch_size: int = 16,
+                         mask_block: int = 8, judge: Judge | None = None,
+                         judge_prompts: Sequence[str] | None = None,
+                         devices: Any = None) -> np.ndarray:
+  """Refusal decisions of greedy generations under each of M head masks.
+
+  Args:
+    prompt_ids, head_masks [M, L, H], max_new_tokens, pad_id, batch_size, mask_block, devices:
+      as in `decode_under_masks`.
+    judge: refusal rule (default keyword `KeywordJudge`); an empty response is no refusal.
+    judge_prompts: the raw requests the judge sees (default "" each; keyword rules ignore them).
+  Returns:
+    bool [M, N]: response n under mask m was judged a refusal.
+  """
+  texts = decode_under_masks(params, config, tokenizer, prompt_ids, head_masks,
+                             max_new_tokens=max_new_tokens, pad_id=pad_id, batch_size=batch_size,
+                             mask_block=mask_block, devices=devices)
+  N = len(prompt_ids)
+  judged = list(judge_prompts) if judge_prompts is not None else [""] * N
+  if len(judged) != N:
+    raise ValueError(f"refusals_under_masks: {len(judged)} judge_prompts for {N} prompts")
+  refused = np.zeros((len(texts), N), bool)
+  for m, responses in enumerate(texts):
+    verdicts, _ = score_refusals(judged, responses, judge)
+    refused[m] = [v is Verdict.REFUSED for v in verdicts]
   return refused
 
 
 @dataclasses.dataclass(frozen=True)
 class SafetySweep:
-  """base_refused bool [N]; refused bool [L, H, N] (head (l, h) zeroed)."""
+  """base_refused bool [N]; refused bool [L, U, N] (unit (l, u) zeroed)."""
   base_refused: np.ndarray
   refused: np.ndarray
 
@@ -174,24 +273,56 @@ class SafetySweep:
 
   @property
   def rate(self) -> np.ndarray:
-    """float64 [L, H] refusal rates."""
+    """float64 [L, U] refusal rates."""
     return self.refused.mean(axis=-1)
 
   @property
   def h_safe(self) -> np.ndarray:
-    """|Ref(ablated) - Ref(base)|, Eq. 4: float64 [L, H]."""
+    """|Ref(ablated) - Ref(base)|, Eq. 4: float64 [L, U]."""
     return np.abs(self.rate - self.base_rate)
 
 
-def safety_sweep(params: Params, config: ModelConfig, tokenizer: Any,
-                 prompt_ids: Sequence[Sequence[int]], **kwargs) -> SafetySweep:
-  """Refusal decisions on D_safe for the base model and every single-head ablation.
+def safety_blocks(config: ModelConfig, group: int = 1, mask_block: int = 8
+                  ) -> list[tuple[str, int, int]]:
+  """[(key, start, end)]: the resumable blocks of the safety sweep's 1 + L * U masks (mask 0 is
+  the base model, mask 1 + l * U + u zeroes unit (l, u)), `mask_block` masks each."""
+  M = 1 + config.num_layers * num_units(config, group)
+  return [(f"masks_{s:06d}_{min(s + mask_block, M):06d}", s, min(s + mask_block, M))
+          for s in range(0, M, int(mask_block))]
 
-  kwargs: those of `refusals_under_masks` (max_new_tokens, pad_id, batch_size, mask_block,
-  judge, judge_prompts). The base model runs as one more mask (all ones) in the same programs.
+
+def safety_sweep(params: Params, config: ModelConfig, tokenizer: Any,
+                 prompt_ids: Sequence[Sequence[int]], *, group: int = 1, mask_block: int = 8,
+                 done: Mapping[str, np.ndarray] | None = None,
+                 on_block: Callable[[str, np.ndarray], None] | None = None,
+                 progress: Callable[[float], None] | None = None, **kwargs) -> SafetySweep:
+  """Refusal decisions on D_safe for the base model and every unit ablation.
+
+  kwargs: those of `refusals_under_masks` (max_new_tokens, pad_id, batch_size, judge,
+  judge_prompts, devices). The base model runs as one more mask (all ones) in the same
+  programs. The masks run in `safety_blocks(config, group, mask_block)` order; done {key:
+  bool [end - start, N]} are blocks an earlier run finished (not recomputed), on_block(key,
+  refused [end - start, N]) is called as each remaining block finishes, progress(units) with
+  the masks it held.
   """
-  L, H = config.num_layers, config.num_heads
-  singles = 1.0 - np.eye(L * H, dtype=np.float32).reshape(L * H, L, H)
-  masks = np.concatenate([np.ones((1, L, H), np.float32), singles])
-  refused = refusals_under_masks(params, config, tokenizer, prompt_ids, masks, **kwargs)
-  return SafetySweep(refused[0], refused[1:].reshape(L, H, -1))
+  L, U = config.num_layers, num_units(config, group)
+  masks = np.concatenate([np.ones((1, L, config.num_heads), np.float32),
+                          unit_masks(config, group)])
+  N = len(prompt_ids)
+  refused = np.zeros((len(masks), N), bool)
+  done = dict(done or {})
+  for key, s, e in safety_blocks(config, group, mask_block):
+    if key in done:
+      got = np.asarray(done[key], bool)
+      if got.shape != (e - s, N):
+        raise ValueError(f"stored safety block {key} has shape {got.shape}, expected "
+                         f"{(e - s, N)}: it belongs to another run; use a new workdir")
+    else:
+      got = refusals_under_masks(params, config, tokenizer, prompt_ids, masks[s:e],
+                                 mask_block=mask_block, **kwargs)
+      if on_block is not None:
+        on_block(key, got)
+      if progress is not None:
+        progress(e - s)
+    refused[s:e] = got
+  return SafetySweep(refused[0], refused[1:].reshape(L, U, N))

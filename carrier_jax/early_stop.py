@@ -4,9 +4,20 @@ consecutive checkpoints or when utility degradation exceeds a threshold").
 The paper gives no formula; these are the issue's two rules, over the metric rows the train loop
 logs (one per log step, the rows of metrics.jsonl) after the warmup (budget fixed, > 0):
   * sparsity stall: the active-gate count fell by less than `stall_ratio` of its value
-    `window` rows earlier, on `patience` consecutive rows;
+    `window` rows earlier, on `patience` consecutive rows. The rule arms only once the count
+    has fallen `stall_ratio` below its first post-warmup value, and its windows start there:
+    before any gate closed, the controller is still ramping lambda (with lambda_0 = 0.01 and a
+    small eta_up that takes hundreds of steps on the testbed), which is not a stall;
   * budget breach: the median task loss of the last `window` rows exceeds the warmup baseline
-    Lhat_{T_w} = budget / (1 + r) by more than `breach_ratio` of it.
+    Lhat_{T_w} = budget / (1 + r) by more than `breach_ratio` of it;
+  * empty carrier (`stop_when_empty`): every gate is off on the last row, warmup or not. The
+    carrier is then the base model, the loss can no longer move the gates' Heaviside forward,
+    and with lambda_max = inf nothing brings them back.
+
+Each rule has its own switch (`StopConfig.stall_ratio` / `breach_ratio` None, or
+`stop_config(stall_enabled=False / breach_enabled=False)`, the launch config's
+`stop.stall_enabled` / `stop.breach_enabled` under the master `stop.enabled`). When both fire on
+the same row, the reason names both ("budget_breach: ...; sparsity_stall: ...").
 
 `stop_reason` is a pure function of the rows, so a resumed run decides exactly as an
 uninterrupted one when `make_stop_fn` is seeded with the rows already in metrics.jsonl.
@@ -25,13 +36,14 @@ BUDGET_KEY = "extra/multiplier/budget"
 class StopConfig:
   """window, patience: in logged rows (evaluations); ratios as fractions (0.01 = 1%).
 
-  stall_ratio or breach_ratio None disables that rule.
+  stall_ratio or breach_ratio None disables that rule; stop_when_empty the empty-carrier rule.
   """
 
   window: int = 5
   stall_ratio: float | None = 0.01
   patience: int = 3
   breach_ratio: float | None = 0.5
+  stop_when_empty: bool = True
 
   def __post_init__(self):
     if int(self.window) != self.window or self.window < 1:
@@ -54,29 +66,59 @@ def stop_reason(rows: Iterable[Mapping], cfg: StopConfig, budget_ratio: float) -
     budget_ratio: the controller's r (budget = (1 + r) * baseline).
 
   Returns:
-    "sparsity_stall: ..." or "budget_breach: ..." (a one-line explanation), or None.
+    "budget_breach: ...", "sparsity_stall: ..." or "empty_carrier: ..." (one-line
+    explanations), joined by "; " when several rules fire, or None.
   """
+  rows = list(rows)
   post = [r for r in rows if float(r.get(BUDGET_KEY, 0.0)) > 0]
   w = cfg.window
+  reasons = []
+  if cfg.stop_when_empty and rows and float(rows[-1]["active_gates"]) == 0:
+    reasons.append(f"empty_carrier: every gate is off at step {rows[-1].get('step')} (the "
+                   "model is the base model; lower lambda_init / eta or raise the budget)")
   if cfg.breach_ratio is not None and len(post) >= w:
     baseline = float(post[-1][BUDGET_KEY]) / (1 + budget_ratio)
     median = statistics.median(float(r["task_loss"]) for r in post[-w:])
     if median > baseline * (1 + cfg.breach_ratio):
-      return (f"budget_breach: median task loss {median:.4g} over the last {w} evaluations "
-              f"exceeds the warmup baseline {baseline:.4g} by more than {cfg.breach_ratio:g}")
-  if cfg.stall_ratio is not None and len(post) >= w + cfg.patience:
+      reasons.append(f"budget_breach: median task loss {median:.4g} over the last {w} "
+                     f"evaluations exceeds the warmup baseline {baseline:.4g} by more than "
+                     f"{cfg.breach_ratio:g}")
+  if cfg.stall_ratio is not None and post:
     active = [float(r["active_gates"]) for r in post]
+    armed = next((i for i, a in enumerate(active) if a < active[0] * (1 - cfg.stall_ratio)),
+                 len(active))
+    active = active[armed:]
+    n = len(active)
 
     def stalled(i):
       before = active[i - w]
       return before - active[i] < cfg.stall_ratio * before
 
-    n = len(active)
-    if all(stalled(i) for i in range(n - cfg.patience, n)):
-      return (f"sparsity_stall: active gates {active[n - 1 - w]:.0f} -> {active[-1]:.0f} over "
-              f"{w} evaluations, a drop under {cfg.stall_ratio:g} on {cfg.patience} "
-              f"evaluations in a row (step {post[-1].get('step')})")
-  return None
+    if n >= w + cfg.patience and all(stalled(i) for i in range(n - cfg.patience, n)):
+      reasons.append(f"sparsity_stall: active gates {active[n - 1 - w]:.0f} -> "
+                     f"{active[-1]:.0f} over {w} evaluations, a drop under {cfg.stall_ratio:g} "
+                     f"on {cfg.patience} evaluations in a row (step {post[-1].get('step')})")
+  return "; ".join(reasons) or None
+
+
+def stop_config(*, enabled: bool = True, stall_enabled: bool = True,
+                breach_enabled: bool = True, **fields) -> StopConfig | None:
+  """A StopConfig from the launch config's switches, or None when nothing can stop the run.
+
+  Args:
+    enabled: the master switch (False: None, whatever the others say).
+    stall_enabled, breach_enabled: each rule's switch (False sets its ratio to None).
+    **fields: StopConfig fields (window, stall_ratio, patience, breach_ratio).
+  """
+  if not enabled:
+    return None
+  if not stall_enabled:
+    fields["stall_ratio"] = None
+  if not breach_enabled:
+    fields["breach_ratio"] = None
+  cfg = StopConfig(**fields)
+  idle = cfg.stall_ratio is None and cfg.breach_ratio is None and not cfg.stop_when_empty
+  return None if idle else cfg
 
 
 def make_stop_fn(cfg: StopConfig, budget_ratio: float, history: Iterable[Mapping] = ()

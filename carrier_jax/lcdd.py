@@ -8,8 +8,17 @@ wires the three seams of `make_train_step`: the task loss goes to the controller
 controller state comes back to the loss as `extra["multiplier"]`, and it is logged every step.
 
 Per step (Algorithm 1, line 9): L = L_task + lambda_t * rho_t * sum_i sigmoid(theta_i), with the
-task loss the SFT cross-entropy of the response tokens under the gated model. lambda_t * rho_t
+task loss the SFT cross-entropy of the response tokens under the gated model (`task_loss="ce"`,
+the paper's main setting) or KL(SFT || gated model) per response token (`task_loss="kl"`,
+`carrier_jax.distill`; the controller's EMA and budget then track the KL). lambda_t * rho_t
 is a constant of the step (stop_gradient): the controller, not the gradient, moves it.
+
+With `task_loss="kl", teacher="online"` the frozen input is {"base": base params, "teacher":
+SFT params} and the teacher's logits are recomputed each step; with `teacher="cached"` the
+frozen input is the base params and each batch carries the teacher's top-k logits
+(`distill.attach_teacher`). Note that all gates on with dW = W_ft - W_base reproduces the SFT
+model, so the KL starts near 0 and the warmup's EMA (hence the budget) is only as large as the
+warmup's sparsity pressure has moved the carrier: give the controller a `budget_floor`.
 
 The frozen embeddings and head are whatever `frozen` holds. With the base model's (the default
 reading of "outside the carrier is the base model") all gates on equals the SFT model only if
@@ -25,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from carrier_jax import distill
 from carrier_jax.delta import apply_carrier
 from carrier_jax.gates import count_active, sparsity_loss
 from carrier_jax.multiplier import (MultiplierConfig, multiplier_controller, multiplier_view,
@@ -36,31 +46,58 @@ PyTree = Any
 LossFn = Callable[[PyTree, PyTree, dict, jax.Array, PyTree], tuple[jax.Array, dict]]
 
 
+def check_task_loss(task_loss: str, teacher: str) -> None:
+  """ValueError naming the bad option (`task_loss` in distill.TASK_LOSSES, `teacher` in
+  distill.TEACHERS)."""
+  if task_loss not in distill.TASK_LOSSES:
+    raise ValueError(f"task_loss={task_loss!r}: choose from {distill.TASK_LOSSES}.")
+  if teacher not in distill.TEACHERS:
+    raise ValueError(f"teacher={teacher!r}: choose from {distill.TEACHERS}.")
+
+
 def make_lcdd_loss_fn(config: models.ModelConfig, *, multiplier_key: str = "multiplier",
-                      remat: bool = False, per_sequence: bool = False) -> LossFn:
-  """`loss_fn(carrier, base_params, batch, rng, extra) -> (loss, metrics)` for make_train_step.
+                      remat: bool = False, per_sequence: bool = False, task_loss: str = "ce",
+                      teacher: str = "online") -> LossFn:
+  """`loss_fn(carrier, frozen, batch, rng, extra) -> (loss, metrics)` for make_train_step.
 
   Args:
     config: the model config.
     multiplier_key: where the controller state sits in `extra`.
     remat: rematerialise each layer in the backward pass.
-    per_sequence: average the cross-entropy per row first (see `cast_jax.train.sft_loss`).
+    per_sequence: average the task loss per row first (see `cast_jax.train.sft_loss`).
+    task_loss: "ce" (SFT cross-entropy) or "kl" (KL(SFT || gated model) per response token).
+    teacher: for "kl": "online" (`frozen` is {"base": base params, "teacher": SFT params}) or
+      "cached" (`frozen` is the base params; the batch carries `distill.TEACHER_KEYS`).
 
-  The batch follows the training contract (input_ids, attention_mask, loss_mask, all [B, T]).
+  The batch follows the training contract (input_ids, attention_mask, loss_mask, all [B, T]);
+  for "ce" and cached "kl", `frozen` is the base params tree.
 
   Returns:
     loss_fn. Its metrics: "task_loss" (what the controller reads), "sparsity_loss" (Eq. 3),
     "penalty_weight" (lambda_t * rho_t), "active_gates" (float32 count of theta > 0), plus
-    sft_loss's "target_tokens" and "accuracy".
+    sft_loss's "target_tokens" and "accuracy"; with "kl" also "ce" (the cross-entropy, logged
+    only).
   """
+  check_task_loss(task_loss, teacher)
+  online = task_loss == "kl" and teacher == "online"
 
   def loss_fn(trainable, frozen, batch, rng, extra):
     del rng
-    logits = models.forward(frozen, config, batch["input_ids"],
+    base = frozen["base"] if online else frozen
+    logits = models.forward(base, config, batch["input_ids"],
                             attention_mask=batch["attention_mask"], adapter_fn=apply_carrier,
                             adapter_params=trainable, remat=remat)
     task, metrics = sft_loss(logits, batch["input_ids"], batch["loss_mask"],
                              per_sequence=per_sequence)
+    if task_loss == "kl":
+      if online:
+        t_logits = models.forward(frozen["teacher"], config, batch["input_ids"],
+                                  attention_mask=batch["attention_mask"])
+        per_token = distill.full_token_kl(t_logits, logits)
+      else:
+        per_token = distill.cached_kl(batch, logits)
+      metrics = {**metrics, "ce": task}
+      task = distill.masked_mean(per_token, batch["loss_mask"], per_sequence=per_sequence)
     sparsity = sparsity_loss(trainable["gates"])
     weight = jax.lax.stop_gradient(penalty_weight(extra[multiplier_key]))
     metrics = {**metrics, "task_loss": task, "sparsity_loss": sparsity, "penalty_weight": weight,
@@ -86,7 +123,8 @@ class GateOptimizerConfig:
 def build_lcdd_optimizer(delta: OptimizerConfig | None,
                          gates: GateOptimizerConfig = GateOptimizerConfig(), *,
                          multiplier: MultiplierConfig = MultiplierConfig(),
-                         accum_steps: int = 1) -> optax.GradientTransformationExtraArgs:
+                         accum_steps: int = 1, budget_floor: float = 0.0
+                         ) -> optax.GradientTransformationExtraArgs:
   """The controller, then gates on SGD and deltas on the substrate's AdamW via multi_transform.
 
   Args:
@@ -97,6 +135,8 @@ def build_lcdd_optimizer(delta: OptimizerConfig | None,
     multiplier: the adaptive-multiplier settings.
     accum_steps: micro-batches per optimizer update (optax.MultiSteps around both groups; the
       controller, outside it, accumulates the task loss over the same window).
+    budget_floor: lower bound of the controller's budget (`multiplier_controller`; needed for
+      the KL task loss, which starts at ~0).
 
   Returns:
     `chain(multiplier_controller, [MultiSteps](multi_transform))` over a carrier {"gates": ...,
@@ -117,7 +157,8 @@ def build_lcdd_optimizer(delta: OptimizerConfig | None,
   tx = optax.multi_transform({"gates": gate_tx, "delta": delta_tx}, labels)
   if accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
-  return optax.chain(multiplier_controller(multiplier, accum_steps), tx)
+  return optax.chain(multiplier_controller(multiplier, accum_steps, budget_floor=budget_floor),
+                     tx)
 
 
 def make_lcdd_train_step(config: models.ModelConfig, tx: optax.GradientTransformationExtraArgs,
@@ -129,13 +170,14 @@ def make_lcdd_train_step(config: models.ModelConfig, tx: optax.GradientTransform
     tx: from `build_lcdd_optimizer` (the TrainState's opt_state must be `tx.init(carrier)`;
       `state.extra` stays {}).
     **kwargs: passed to `make_train_step` (donate, jit, compute_dtype, ...), except
-      `remat` and `per_sequence`, which go to `make_lcdd_loss_fn`.
+      `remat`, `per_sequence`, `task_loss` and `teacher`, which go to `make_lcdd_loss_fn`.
 
   Returns:
     the train step; its metrics add "extra/multiplier/<field>" (the controller after the
     step) to `make_lcdd_loss_fn`'s.
   """
-  loss_kw = {k: kwargs.pop(k) for k in ("remat", "per_sequence") if k in kwargs}
+  loss_kw = {k: kwargs.pop(k) for k in ("remat", "per_sequence", "task_loss", "teacher")
+             if k in kwargs}
   return make_train_step(make_lcdd_loss_fn(config, **loss_kw), tx,
                          tx_extra_args=lambda m: {"value": m["task_loss"]},
                          opt_state_view=multiplier_view, **kwargs)

@@ -23,6 +23,10 @@ Choices where Algorithm 1 is silent or the paper adds variants:
     the paper gives no lambda_min, so the defaults here are (0, inf), i.e. no bounds.
   * `violation_clip`: optional |v_t| <= c, bounding one update's factor to exp(eta * c).
   * beta: 0.95 default, 0.90 for F.2's Qwen / Vicuna safety and Shakespeare runs.
+  * `budget_floor` (an argument of `multiplier_controller`, default 0): eps = max(Lhat_{T_w} *
+    (1 + r), floor). A relative budget needs a task loss that is not ~0 at T_w; the KL to the
+    SFT model (`task_loss="kl"`) starts at ~0 when LCDD starts from the SFT model, and a
+    budget of ~0 would make v_t explode. The floor is then the absolute KL tolerance.
 
 The controller is an `optax.GradientTransformationExtraArgs` (`multiplier_controller`): it
 passes the gradient updates through untouched and advances its state from the keyword argument
@@ -132,8 +136,8 @@ def penalty_weight(state: MultiplierState | Mapping[str, jax.Array]) -> jax.Arra
   return state["lam"] * state["rho"]
 
 
-def _controller_update(cfg: MultiplierConfig, state: MultiplierState, task_loss: jax.Array
-                       ) -> MultiplierState:
+def _controller_update(cfg: MultiplierConfig, state: MultiplierState, task_loss: jax.Array,
+                       budget_floor: float = 0.0) -> MultiplierState:
   """One optimizer update t = state.updates + 1 with its mean task loss."""
   t = state.updates + 1
   tf = t.astype(jnp.float32)
@@ -144,7 +148,8 @@ def _controller_update(cfg: MultiplierConfig, state: MultiplierState, task_loss:
   else:
     raw = beta * state.ema_raw + (1 - beta) * task_loss
     ema = raw / (1 - beta ** tf)
-  budget = jnp.where(t == cfg.warmup_steps, ema * (1 + cfg.budget_ratio), state.budget)
+  budget = jnp.where(t == cfg.warmup_steps,
+                     jnp.maximum(ema * (1 + cfg.budget_ratio), budget_floor), state.budget)
   engaged = t >= cfg.warmup_steps
   v = jnp.where(engaged, (ema - budget) / jnp.where(engaged, budget, 1.0), 0.0)
   if cfg.violation_clip is not None:
@@ -159,14 +164,15 @@ def _controller_update(cfg: MultiplierConfig, state: MultiplierState, task_loss:
                          micro=jnp.zeros((), jnp.int32), loss_sum=f(0.0))
 
 
-def multiplier_controller(cfg: MultiplierConfig, accum_steps: int = 1
-                          ) -> optax.GradientTransformationExtraArgs:
+def multiplier_controller(cfg: MultiplierConfig, accum_steps: int = 1, *,
+                          budget_floor: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """The adaptive multiplier as an optax transformation (identity on the updates).
 
   Args:
     cfg: the controller settings.
     accum_steps: k, micro-batches per optimizer update (the MultiSteps k of the optimizer it is
       chained with); the controller updates on every k-th call with the window's mean loss.
+    budget_floor: the budget's lower bound (module docstring; >= 0, in task-loss units).
 
   Returns:
     a GradientTransformationExtraArgs: `init(params) -> MultiplierState` (params unused) and
@@ -176,6 +182,9 @@ def multiplier_controller(cfg: MultiplierConfig, accum_steps: int = 1
   if int(accum_steps) != accum_steps or accum_steps < 1:
     raise ValueError(f"multiplier_controller: accum_steps={accum_steps!r}; use an integer >= 1.")
   k = int(accum_steps)
+  if not budget_floor >= 0:
+    raise ValueError(f"multiplier_controller: budget_floor={budget_floor!r}; use a value >= 0.")
+  update = lambda s, loss: _controller_update(cfg, s, loss, budget_floor)
 
   def init_fn(params):
     del params
@@ -188,10 +197,10 @@ def multiplier_controller(cfg: MultiplierConfig, accum_steps: int = 1
                       "with make_train_step(tx_extra_args=lambda m: {'value': m['task_loss']}).")
     loss_sum = state.loss_sum + jnp.asarray(value, jnp.float32)
     if k == 1:
-      return updates, _controller_update(cfg, state, loss_sum)
+      return updates, update(state, loss_sum)
     acc = state._replace(loss_sum=loss_sum, micro=state.micro + 1)
     new = jax.lax.cond(state.micro == k - 1,
-                       lambda s: _controller_update(cfg, s, s.loss_sum / k), lambda s: s, acc)
+                       lambda s: update(s, s.loss_sum / k), lambda s: s, acc)
     return updates, new
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

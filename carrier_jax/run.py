@@ -9,14 +9,19 @@ import os
 from typing import Any, Sequence
 
 import jax
+from jax.sharding import Mesh
 
+from carrier_jax import distill
+from carrier_jax import sharding as carrier_sharding
 from carrier_jax.delta import init_carrier
 from carrier_jax.early_stop import StopConfig, make_stop_fn
 from carrier_jax.gates import GateInit
-from carrier_jax.lcdd import GateOptimizerConfig, build_lcdd_optimizer, make_lcdd_train_step
+from carrier_jax.lcdd import (GateOptimizerConfig, build_lcdd_optimizer, check_task_loss,
+                              make_lcdd_train_step)
 from carrier_jax.multiplier import MultiplierConfig, MultiplierState, find_multiplier_state
 from cast_jax.data.batching import Example, iterate_train_batches
 from cast_jax.models import ModelConfig
+from cast_jax.models import sharding as model_sharding
 from cast_jax.train import OptimizerConfig, TrainState, build_optimizer, train
 from cast_jax.train.fingerprint import make_fingerprint
 from cast_jax.train.losses import check_sft_batch, check_sft_examples
@@ -55,7 +60,9 @@ def run_lcdd(base_params: Params, ft_params: Params, config: ModelConfig,
              workdir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
              log_every: int = 10, pad_multiple: int = 16, buckets: Sequence[int] | None = None,
              remat: bool = False, per_sequence: bool = False, progress: bool = True,
-             extend: bool = False, overwrite: bool = False
+             extend: bool = False, overwrite: bool = False, task_loss: str = "ce",
+             teacher: str = "online", teacher_top_k: int = 64, budget_floor: float = 0.0,
+             mesh: Mesh | None = None
              ) -> tuple[Params, MultiplierState, dict]:
   """Trains an LCDD carrier between `base_params` and `ft_params` on `examples`.
 
@@ -75,26 +82,54 @@ def run_lcdd(base_params: Params, ft_params: Params, config: ModelConfig,
     workdir, checkpoint_every, log_every, progress, extend, overwrite: as for
       `cast_jax.train.train` (metrics.jsonl, orbax checkpoints, resume, run fingerprint).
     remat, per_sequence: see `make_lcdd_loss_fn`.
+    task_loss, teacher: "ce" (default), or "kl" to `ft_params` with the teacher "online"
+      (recomputed each step) or "cached" (top-`teacher_top_k` logits built once before
+      training, `distill.build_teacher_cache`; a resume rebuilds the same cache).
+    budget_floor: lower bound of the controller's budget (`multiplier_controller`); set it
+      (e.g. 0.01) for task_loss="kl", whose loss starts at ~0.
+    mesh: run the step sharded on this ('data', 'model') mesh (`carrier_jax.sharding`); None
+      runs it where jax puts it (one device). Not part of the run's fingerprint: it changes
+      where the step runs, not what it computes.
 
   Returns:
     (carrier {"gates", "delta"}, the final MultiplierState, the trainer's summary dict).
   """
   check_sft_examples(examples, config.vocab_size, pad_id)
+  check_task_loss(task_loss, teacher)
   key = jax.random.PRNGKey(seed)
   carrier = init_carrier(config, base_params, ft_params, jax.random.fold_in(key, 0),
                          gate_init=gate_init, train_norms=train_norms)
   tx = build_lcdd_optimizer(delta_optimizer, gate_optimizer, multiplier=multiplier,
-                            accum_steps=accum_steps)
+                            accum_steps=accum_steps, budget_floor=budget_floor)
   lr_fn = None
   if delta_optimizer is not None:
     lr_fn = build_optimizer(dataclasses.replace(delta_optimizer, accum_steps=accum_steps))[1]
   state = TrainState.create(carrier, tx, jax.random.fold_in(key, 1))
-  step = make_lcdd_train_step(config, tx, remat=remat, per_sequence=per_sequence)
+  step = make_lcdd_train_step(config, tx, remat=remat, per_sequence=per_sequence,
+                              task_loss=task_loss, teacher=teacher)
+  online = task_loss == "kl" and teacher == "online"
+  cache = None
+  if task_loss == "kl" and teacher == "cached":
+    cache = distill.build_teacher_cache(ft_params, config, examples, top_k=teacher_top_k,
+                                        pad_id=pad_id, batch_size=batch_size,
+                                        pad_multiple=pad_multiple)
+  frozen = {"base": base_params, "teacher": ft_params} if online else base_params
+  if mesh is not None:
+    param_sh = model_sharding.param_shardings(config, mesh)
+    frozen = jax.device_put(frozen, {"base": param_sh, "teacher": param_sh} if online
+                            else param_sh)
+    state = carrier_sharding.shard_state(state, config, mesh)
 
   def batches_fn(start):
-    return (b for _, _, b in iterate_train_batches(
-        examples, batch_size=batch_size, seed=seed, pad_id=pad_id, start_step=start,
-        multiple=pad_multiple, buckets=buckets))
+    items = iterate_train_batches(examples, batch_size=batch_size, seed=seed, pad_id=pad_id,
+                                  start_step=start, multiple=pad_multiple, buckets=buckets)
+    if cache is not None:
+      batches = distill.cached_batches(examples, cache, items, batch_size=batch_size, seed=seed)
+    else:
+      batches = (b for _, _, b in items)
+    if mesh is not None:
+      batches = (carrier_sharding.shard_batch(b, mesh) for b in batches)
+    return batches
 
   metrics_path = None if workdir is None else os.path.join(os.fspath(workdir), "metrics.jsonl")
   stop_fn = None if stop is None else _resumable_stop_fn(stop, multiplier.budget_ratio,
@@ -103,8 +138,13 @@ def run_lcdd(base_params: Params, ft_params: Params, config: ModelConfig,
       data=examples, seed=seed, batch_size=batch_size, pad_id=pad_id, model=config,
       delta_optimizer=delta_optimizer, gate_optimizer=gate_optimizer, multiplier=multiplier,
       gate_init=gate_init, train_norms=train_norms, accum_steps=accum_steps,
-      pad_multiple=pad_multiple, buckets=buckets, per_sequence=per_sequence, stop=stop)
-  state, summary = train(step, state, base_params, batches_fn, num_steps=num_steps,
+      pad_multiple=pad_multiple, buckets=buckets, per_sequence=per_sequence, stop=stop,
+      # Only when set, so the runs made before the option existed keep their fingerprints.
+      **({} if task_loss == "ce" else {"task_loss": task_loss, "teacher": teacher,
+                                       "teacher_top_k": teacher_top_k if teacher == "cached"
+                                       else None}),
+      **({} if budget_floor == 0 else {"budget_floor": budget_floor}))
+  state, summary = train(step, state, frozen, batches_fn, num_steps=num_steps,
                          workdir=workdir, checkpoint_every=checkpoint_every, lr_fn=lr_fn,
                          check_batch=check_sft_batch, stop_fn=stop_fn, progress=progress,
                          log_every=log_every, fingerprint=fingerprint, extend=extend,

@@ -54,6 +54,14 @@ def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 0   # 0: only the final checkpoint
   c.mask_only = False      # Appendix E: dW frozen at W_ft - W_base
+  c.task_loss = "ce"       # "ce": SFT cross-entropy; "kl": KL(SFT || LCDD) per response token
+  c.teacher = "online"     # for "kl": "online" (SFT forward each step) or "cached" (top-k)
+  c.teacher_top_k = 64     # logits kept per response token by the "cached" teacher
+  # The KL starts at ~0 (LCDD starts from the SFT model), so its relative budget
+  # EMA * (1 + r) needs a floor: KL(SFT || LCDD) <= this many nats per response token.
+  c.kl_budget_floor = 0.01
+  c.shard = False          # run the step on a ('data', 'model') mesh over all devices
+  c.mesh_model = 1         # the mesh's model axis (data = devices // model)
   c.train_norms = False
   c.remat = False
   c.export_dtype = ""      # "" keeps float32; e.g. "bfloat16"
@@ -68,6 +76,8 @@ def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
       lambda_max=math.inf if eta_up is None else ASYMMETRIC_LAMBDA_MAX,
       violation_clip=placeholder(float), ema_init="first"))
   c.multiplier.eta_up = eta_up
+  # enabled is the master switch; stall_enabled / breach_enabled switch each rule.
   c.stop = ml_collections.ConfigDict(dict(
-      enabled=True, window=5, stall_ratio=0.01, patience=3, breach_ratio=0.5))
+      enabled=True, stall_enabled=True, breach_enabled=True, window=5, stall_ratio=0.01,
+      patience=3, breach_ratio=0.5, stop_when_empty=True))
   return c

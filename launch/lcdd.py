@@ -9,7 +9,9 @@ same sample settings as launch/sft.py, so LCDD sees the SFT stage's pairs.
 The tokenizer is the SFT checkpoint's. The run trains in <workdir>/train (metrics.jsonl, orbax
 checkpoints; a re-run resumes it) and writes `carrier_jax.outputs`' artifacts into <workdir>:
 carrier/, lcdd_model/ (merged HF checkpoint), active_channels.json, sparsity.json and the
-plots, plus config.json and summary.json.
+plots, plus config.json and summary.json (its stop_reason names the early-stop rule that
+fired). --config.task_loss=kl distils to the SFT model instead of its cross-entropy
+(--config.teacher=online | cached); --config.shard=True runs the step on all devices.
 """
 
 import json
@@ -28,7 +30,8 @@ _DATA = flags.DEFINE_string("data", None, "Behaviour dataset: local file or hub 
 
 def _settings(cfg):
   """The library dataclasses of `cfg` (app.UsageError naming the section on a bad value)."""
-  from carrier_jax import GateInit, GateOptimizerConfig, MultiplierConfig, StopConfig
+  from carrier_jax import GateInit, GateOptimizerConfig, MultiplierConfig
+  from carrier_jax.early_stop import stop_config
   from cast_jax.train import OptimizerConfig
   out = {}
   for name, build, section in (("multiplier", MultiplierConfig, cfg.multiplier),
@@ -39,9 +42,8 @@ def _settings(cfg):
       out[name] = build(**section.to_dict())
     except (TypeError, ValueError) as e:
       raise app.UsageError(f"--config.{name}: {e}") from None
-  stop = {k: v for k, v in cfg.stop.to_dict().items() if k != "enabled"}
   try:
-    out["stop"] = StopConfig(**stop) if cfg.stop.enabled else None
+    out["stop"] = stop_config(**cfg.stop.to_dict())
   except (TypeError, ValueError) as e:
     raise app.UsageError(f"--config.stop: {e}") from None
   out["delta"] = None if cfg.mask_only else out["delta"]
@@ -68,10 +70,18 @@ def _validate(cfg) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise app.UsageError(f"--config.data.{name}={value!r}: use an integer >= 0.")
   positive = {"batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps,
-              "log_every": cfg.log_every, "epochs": cfg.epochs, "data.max_len": cfg.data.max_len}
+              "log_every": cfg.log_every, "epochs": cfg.epochs, "data.max_len": cfg.data.max_len,
+              "teacher_top_k": cfg.teacher_top_k, "mesh_model": cfg.mesh_model}
   for name, value in positive.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise app.UsageError(f"--config.{name}={value!r}: use an integer >= 1.")
+  from carrier_jax.distill import TASK_LOSSES, TEACHERS
+  if cfg.task_loss not in TASK_LOSSES:
+    raise app.UsageError(f"--config.task_loss={cfg.task_loss!r}: use one of {TASK_LOSSES}.")
+  if cfg.teacher not in TEACHERS:
+    raise app.UsageError(f"--config.teacher={cfg.teacher!r}: use one of {TEACHERS}.")
+  if not (isinstance(cfg.kl_budget_floor, (int, float)) and cfg.kl_budget_floor >= 0):
+    raise app.UsageError(f"--config.kl_budget_floor={cfg.kl_budget_floor!r}: use a value >= 0.")
   for name in ("num_steps", "checkpoint_every"):
     if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] < 0:
       raise app.UsageError(f"--config.{name}={cfg[name]!r}: use an integer >= 0 (0: default).")
@@ -114,14 +124,20 @@ def main(argv):
   num_steps = cfg.num_steps or cfg.epochs * steps_per_epoch(len(examples), cfg.batch_size)
   pad_id = tokenizer.pad_token_id
   pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
-  common.stage(f"LCDD: {len(examples)} examples, {num_steps} steps")
+  mesh = None
+  if cfg.shard:
+    from cast_jax.models import sharding
+    mesh = sharding.make_mesh(model=cfg.mesh_model)
+  common.stage(f"LCDD: {len(examples)} examples, {num_steps} steps, task loss {cfg.task_loss}")
   carrier, controller, summary = run_lcdd(
       base, ft, config, examples, pad_id=pad_id, num_steps=num_steps,
       batch_size=cfg.batch_size, seed=cfg.seed, delta_optimizer=s["delta"],
       gate_optimizer=s["gates"], multiplier=s["multiplier"], gate_init=s["gate_init"],
       train_norms=cfg.train_norms, accum_steps=cfg.accum_steps, stop=s["stop"],
       workdir=os.path.join(out, "train"), checkpoint_every=cfg.checkpoint_every or None,
-      log_every=cfg.log_every, remat=cfg.remat)
+      log_every=cfg.log_every, remat=cfg.remat, task_loss=cfg.task_loss, teacher=cfg.teacher,
+      teacher_top_k=cfg.teacher_top_k, mesh=mesh,
+      budget_floor=cfg.kl_budget_floor if cfg.task_loss == "kl" else 0.0)
   common.stage("writing the carrier, the merged model, sparsity and plots")
   # The artifacts are a function of the finished run: a re-run rewrites them.
   paths = write_outputs(out, config=config, base_params=base, carrier=carrier,

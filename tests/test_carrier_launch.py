@@ -74,3 +74,35 @@ def test_launch_lcdd_writes_consistent_artifacts(tmp_path):
     rows = [json.loads(ln) for ln in f]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   assert rows[-1]["extra/multiplier/lam"] == report["controller"]["lam"]
+
+
+def test_launch_lcdd_kl_cached_sharded_with_one_stop_rule(tmp_path):
+  """The new options end to end on 8 simulated devices (data 4 x model 2): KL to a cached
+  teacher, the stall rule alone (window 1, ratio 1: the second post-warmup row stalls), the
+  breach rule switched off (the KL starts near 0, so its baseline is tiny and it would fire)."""
+  _checkpoints(str(tmp_path))
+  out = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.lcdd", f"--base={tmp_path / 'base'}",
+       f"--sft={tmp_path / 'sft'}", f"--data={tmp_path / 'data.jsonl'}", f"--workdir={out}",
+       f"--config.num_steps={STEPS}", "--config.batch_size=4", "--config.log_every=1",
+       "--config.data.max_len=48", "--config.multiplier.warmup_steps=1",
+       "--config.task_loss=kl", "--config.teacher=cached", "--config.teacher_top_k=8",
+       "--config.shard=True", "--config.mesh_model=2", "--config.stop.window=1",
+       "--config.stop.patience=1", "--config.stop.stall_ratio=1.0",
+       "--config.stop.breach_enabled=False", "--config.delta.learning_rate=1e-3"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["final_step"] == 2 and summary["stop_reason"].startswith("sparsity_stall")
+  assert "budget_breach" not in summary["stop_reason"]
+  with open(out / "config.json") as f:
+    assert "kl" in f.read()
+  with open(out / "train" / "metrics.jsonl") as f:
+    rows = [json.loads(ln) for ln in f]
+  # The controller tracks the KL (logged as task_loss), the CE is logged beside it.
+  assert all("ce" in r and r["task_loss"] >= 0 for r in rows)
+  assert rows[0]["extra/multiplier/ema"] == rows[0]["task_loss"]

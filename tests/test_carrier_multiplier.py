@@ -155,3 +155,27 @@ def test_runs_inside_make_train_step_with_accumulation():
   assert int(find_multiplier_state(state.opt_state).updates) == 6 and state.extra == {}
   np.testing.assert_allclose(lams[1::2], [1.0, 1.0, 2.0, 4.0, 1.0, 1.0 / 64], rtol=1e-6)
   np.testing.assert_allclose(lams[0::2], [1.0, 1.0, 1.0, 2.0, 4.0, 1.0], rtol=1e-6)
+
+
+def test_budget_floor_bounds_a_near_zero_budget():
+  """A task loss of ~0 at T_w (the KL at the SFT model): without a floor the budget is 0 and
+  v_t is undefined; with floor 8 the budget is 8 and v_t = (EMA - 8) / 8 with EMA 0, 0, 8, 12
+  at t = 3..6, so lambda is multiplied by 4, 4, 1, 4^(-1/2)."""
+  cfg = MultiplierConfig(**BASE)
+  tx = multiplier_controller(cfg, budget_floor=8.0)
+  state = tx.init({})
+  lams, budgets = [], []
+  for loss in (0.0, 0.0, 0.0, 0.0, 16.0, 16.0):
+    _, state = tx.update({}, state, value=jnp.float32(loss))
+    lams.append(float(state.lam))
+    budgets.append(float(state.budget))
+  assert budgets == [0.0, 0.0, 8.0, 8.0, 8.0, 8.0]
+  np.testing.assert_allclose(lams, [1.0, 1.0, 4.0, 16.0, 16.0, 8.0], rtol=1e-6)
+  # Above the floor the relative budget is kept: EMA 2.5 -> budget 5 (the table above).
+  above = multiplier_controller(cfg, budget_floor=1.0)
+  state = above.init({})
+  for loss in LOSSES[:3]:
+    _, state = above.update({}, state, value=jnp.float32(loss))
+  assert float(state.budget) == 5.0
+  with pytest.raises(ValueError, match="budget_floor"):
+    multiplier_controller(cfg, budget_floor=-1.0)

@@ -5,6 +5,12 @@
 Prints forward tokens/s and greedy-generation tokens/s for this library and for HF (PyTorch,
 same checkpoint, same batch, same machine), their ratios, and the peak host memory growth while
 loading a multi-shard checkpoint relative to the checkpoint's size (measured in a subprocess).
+
+Calls alternate between the sides (`timing.interleaved`) so background load on a shared machine
+hits both alike; torch is timed at its default thread count and at 1 thread and the faster is
+the reference (on a loaded 2-core machine its 2-thread pool can be several times slower). The
+generated tokens of both sides are compared (a mismatch is printed: near-ties of the random
+model, not a speed question).
 """
 
 import argparse
@@ -17,15 +23,7 @@ import time
 
 import numpy as np
 
-
-def _timed(fn, repeats):
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+from timing import interleaved, torch_at
 
 
 def _load_peak(path: str) -> None:
@@ -82,6 +80,8 @@ def main():
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--new", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--torch_threads", type=int, nargs="*", default=None,
+                  help="torch thread counts to time (default: torch's default and 1)")
   ap.add_argument("--_load_peak", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args._load_peak:
@@ -115,33 +115,52 @@ def main():
     mem = json.loads(out)
     config, params = load_pretrained(path)
 
+  threads = args.torch_threads or sorted({torch.get_num_threads(), 1}, reverse=True)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, args.vocab, size=(args.batch, args.seq))
   fwd = jax.jit(lambda p, x: forward(p, config, x))
   x = jnp.asarray(ids)
-  t_ours = _timed(lambda: fwd(params, x).block_until_ready(), args.repeats)
   tid = torch.tensor(ids)
-  with torch.inference_mode():
-    t_hf = _timed(lambda: hf(tid), args.repeats)
+
+  def hf_fwd():
+    with torch.inference_mode():
+      hf(tid)
+
+  fwd_times, _ = interleaved([lambda: fwd(params, x).block_until_ready()]
+                             + [torch_at(n, hf_fwd) for n in threads], args.repeats)
   ntok = args.batch * args.seq
 
   prompt = ids[:, :64]
-  t_gen = _timed(lambda: generate(params, config, prompt, max_new_tokens=args.new,
-                                  eos_token_ids=()), max(1, args.repeats - 1))
   tp = torch.tensor(prompt)
-  with torch.inference_mode():
-    t_hf_gen = _timed(lambda: hf.generate(tp, attention_mask=torch.ones_like(tp),
-                                          max_new_tokens=args.new, min_new_tokens=args.new,
-                                          do_sample=False, pad_token_id=0),
-                      max(1, args.repeats - 1))
+  got = {}
+
+  def ours_gen():
+    got["ours"] = generate(params, config, prompt, max_new_tokens=args.new,
+                           eos_token_ids=()).tokens
+
+  def hf_gen():
+    with torch.inference_mode():
+      out = hf.generate(tp, attention_mask=torch.ones_like(tp), max_new_tokens=args.new,
+                        min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+    got["hf"] = out[:, prompt.shape[1]:].numpy()
+
+  gen_times, _ = interleaved([ours_gen] + [torch_at(n, hf_gen) for n in threads],
+                             max(1, args.repeats - 1))
   ngen = args.batch * args.new
+  same = float(np.mean(got["ours"] == got["hf"]))
+  t_ours, t_hf = fwd_times[0], min(fwd_times[1:])
+  t_gen, t_hf_gen = gen_times[0], min(gen_times[1:])
 
   print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/"
         f"{args.kv_heads} vocab={args.vocab}; batch={args.batch} seq={args.seq}")
   print(f"forward   ours {ntok / t_ours:10.0f} tok/s   HF {ntok / t_hf:10.0f} tok/s   "
-        f"ratio ours/HF = {t_hf / t_ours:.2f}")
+        f"ratio ours/HF = {t_hf / t_ours:.2f}   (HF: "
+        + ", ".join(f"{ntok / t:.0f} at {n} thread(s)" for n, t in zip(threads, fwd_times[1:]))
+        + ")")
   print(f"generate  ours {ngen / t_gen:10.0f} tok/s   HF {ngen / t_hf_gen:10.0f} tok/s   "
-        f"ratio ours/HF = {t_hf_gen / t_gen:.2f}  (prompt 64, {args.new} new, greedy)")
+        f"ratio ours/HF = {t_hf_gen / t_gen:.2f}  (prompt 64, {args.new} new, greedy; HF: "
+        + ", ".join(f"{ngen / t:.0f} at {n} thread(s)" for n, t in zip(threads, gen_times[1:]))
+        + f"; same tokens {same:.3f})")
   print(f"loading {shards} shards, {ckpt_bytes / 2**20:.1f} MiB fp32: peak anonymous-RSS growth "
         f"{mem['RssAnon'] / 2**20:.1f} MiB = {mem['RssAnon'] / ckpt_bytes:.2f}x checkpoint size "
         f"(mmapped file pages, droppable: {mem['RssFile'] / 2**20:.1f} MiB)")

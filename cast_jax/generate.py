@@ -7,7 +7,6 @@ prompt length is rounded up to a bucket so a stream of prompts compiles only a f
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -69,20 +68,50 @@ _STATIC = ("config", "max_new_tokens", "eos", "pad", "temperature", "top_p", "ad
 
 
 def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_params, *,
-              config: ModelConfig, max_new_tokens: int, eos: tuple[int, ...], pad: int,
-              temperature: float, top_p: float, adapter_fn: AdapterFn | None,
-              cache_sharding: Any):
+                   config: ModelConfig, max_new_tokens: int, eos: tuple[int, ...], pad: int,
+                   temperature: float, top_p: float, adapter_fn: AdapterFn | None,
+                   cache_sharding: Any):
+  """The decoding program: (tokens [*M, B, N], lengths [*M, B]) for head_mask None, [L, H] or a
+  stack [M, L, H] (the same prompts decoded under each of M masks).
+
+  Under a stack only the model calls are vmapped over the masks; the decoding loop stays one
+  unbatched `while_loop` over all M * B rows. Vmapping the whole loop instead makes its stop
+  condition a batched predicate, and JAX then guards every carried array (the whole KV cache
+  included) with a select on every step: that copy cost more than the decoding step itself on
+  the testbed model. Sampling draws the same numbers for every mask (one key per step), as a
+  vmap of the single-mask program does.
+  """
+  stacked = head_mask is not None and jnp.ndim(head_mask) == 3
   B, P = input_ids.shape
   N = max_new_tokens
-  cache = init_cache(config, B, P + N, params["embed"].dtype)
-  if cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
   kv_valid = jnp.concatenate([attention_mask, jnp.zeros((B, N), attention_mask.dtype)], axis=1)
   positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
-  extra = dict(head_mask=head_mask, adapter_fn=adapter_fn, adapter_params=adapter_params)
-  # The prefill's only logits read are the last position's (the first generated token).
-  logits, cache = forward_cached(params, config, input_ids, positions, kv_valid, cache, 0,
-                                 logits_at=[-1], **extra)
+  extra = dict(adapter_fn=adapter_fn, adapter_params=adapter_params)
+
+  def prefill(hm):
+    cache = init_cache(config, B, P + N, params["embed"].dtype)
+    if cache_sharding is not None:
+      cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
+    # The prefill's only logits read are the last position's (the first generated token).
+    logits, cache = forward_cached(params, config, input_ids, positions, kv_valid, cache, 0,
+                                   logits_at=[-1], head_mask=hm, **extra)
+    return logits[:, 0], cache
+
+  def step(tok, cache, kv_valid, i, hm):
+    pos = (positions[:, -1] + 1 + i)[:, None]
+    logits, cache = forward_cached(params, config, tok[:, None], pos, kv_valid, cache, P + i,
+                                   head_mask=hm, **extra)
+    return logits[:, 0], cache
+
+  def select(logits, k):
+    return _select(logits, k, temperature, top_p)
+
+  lead = ()
+  if stacked:
+    lead = (head_mask.shape[0],)
+    prefill, select = jax.vmap(prefill), jax.vmap(select, in_axes=(0, None))
+    step = jax.vmap(step, in_axes=(0, 0, None, None, 0))
+  logits, cache = prefill(head_mask)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
   def cond(state):
@@ -91,36 +120,22 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
 
   def body(state):
     i, next_logits, cache, kv_valid, done, tokens, lengths = state
-    tok = _select(next_logits, jax.random.fold_in(key, i), temperature, top_p)
+    tok = select(next_logits, jax.random.fold_in(key, i))
     tok = jnp.where(done, pad, tok)
-    tokens = tokens.at[:, i].set(tok)
+    tokens = tokens.at[..., i].set(tok)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(tok, eos_arr)
     kv_valid = kv_valid.at[:, P + i].set(1)
-    pos = (positions[:, -1] + 1 + i)[:, None]
-    step_logits, cache = forward_cached(params, config, tok[:, None], pos, kv_valid, cache, P + i,
-                                        **extra)
-    return i + 1, step_logits[:, 0], cache, kv_valid, done, tokens, lengths
+    step_logits, cache = step(tok, cache, kv_valid, i, head_mask)
+    return i + 1, step_logits, cache, kv_valid, done, tokens, lengths
 
-  state = (jnp.int32(0), logits[:, 0], cache, kv_valid, jnp.zeros((B,), bool),
-           jnp.full((B, N), pad, jnp.int32), jnp.zeros((B,), jnp.int32))
+  state = (jnp.int32(0), logits, cache, kv_valid, jnp.zeros((*lead, B), bool),
+           jnp.full((*lead, B, N), pad, jnp.int32), jnp.zeros((*lead, B), jnp.int32))
   *_, tokens, lengths = jax.lax.while_loop(cond, body, state)
   return tokens, lengths
 
 
 _generate = jax.jit(_generate_impl, static_argnames=_STATIC)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_per_mask(params, input_ids, attention_mask, key, head_masks, adapter_params,
-                       **static):
-  """`_generate_impl` vmapped over head_masks [M, L, H] -> tokens [M, B, N], lengths [M, B].
-
-  One program decodes the same prompts under M head masks (a batched ablation sweep): its
-  matmuls see M * B rows, and the loop runs until every row of every mask is done.
-  """
-  return jax.vmap(lambda hm: _generate_impl(params, input_ids, attention_mask, key, hm,
-                                            adapter_params, **static))(head_masks)
 
 
 def _bucket(n: int, bucket: int) -> int:
@@ -191,10 +206,10 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
   extra_pad = _bucket(P, prompt_bucket) - P
   input_ids = np.pad(input_ids, ((0, 0), (extra_pad, 0)), constant_values=pad)
   mask = np.pad(mask, ((0, 0), (extra_pad, 0)))
-  run, masks = (_generate, head_mask) if head_masks is None else (_generate_per_mask, head_masks)
-  tokens, lengths = run(
+  tokens, lengths = _generate(
       params, jnp.asarray(input_ids), jnp.asarray(mask),
-      jax.random.PRNGKey(0) if key is None else key, masks, adapter_params,
+      jax.random.PRNGKey(0) if key is None else key,
+      head_mask if head_masks is None else head_masks, adapter_params,
       config=config, max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad),
       temperature=float(temperature), top_p=float(top_p), adapter_fn=adapter_fn,
       cache_sharding=cache_sharding)

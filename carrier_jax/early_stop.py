@@ -5,7 +5,7 @@ The paper gives no formula; these are the issue's two rules, over the metric row
 logs (one per log step, the rows of metrics.jsonl) after the warmup (budget fixed, > 0):
   * sparsity stall: the active-gate count fell by less than `stall_ratio` of its value
     `window` rows earlier, on `patience` consecutive rows. The rule arms only once the count
-    has fallen `stall_ratio` below its first post-warmup value, and its windows start there:
+    has fallen `arm_ratio` below its first post-warmup value, and its windows start there:
     before any gate closed, the controller is still ramping lambda (with lambda_0 = 0.01 and a
     small eta_up that takes hundreds of steps on the testbed), which is not a stall;
   * budget breach: the median task loss of the last `window` rows exceeds the warmup baseline
@@ -36,7 +36,8 @@ BUDGET_KEY = "extra/multiplier/budget"
 class StopConfig:
   """window, patience: in logged rows (evaluations); ratios as fractions (0.01 = 1%).
 
-  stall_ratio or breach_ratio None disables that rule; stop_when_empty the empty-carrier rule.
+  stall_ratio or breach_ratio None disables that rule; stop_when_empty the empty-carrier rule;
+  arm_ratio 0 arms the stall rule from the first post-warmup row.
   """
 
   window: int = 5
@@ -44,12 +45,15 @@ class StopConfig:
   patience: int = 3
   breach_ratio: float | None = 0.5
   stop_when_empty: bool = True
+  arm_ratio: float = 0.01
 
   def __post_init__(self):
     if int(self.window) != self.window or self.window < 1:
       raise ValueError(f"StopConfig.window={self.window!r}: use an integer >= 1.")
     if int(self.patience) != self.patience or self.patience < 1:
       raise ValueError(f"StopConfig.patience={self.patience!r}: use an integer >= 1.")
+    if not 0 <= self.arm_ratio < 1:
+      raise ValueError(f"StopConfig.arm_ratio={self.arm_ratio!r}: use a value in [0, 1).")
     for name in ("stall_ratio", "breach_ratio"):
       value = getattr(self, name)
       if value is not None and not value >= 0:
@@ -85,8 +89,8 @@ def stop_reason(rows: Iterable[Mapping], cfg: StopConfig, budget_ratio: float) -
                      f"{cfg.breach_ratio:g}")
   if cfg.stall_ratio is not None and post:
     active = [float(r["active_gates"]) for r in post]
-    armed = next((i for i, a in enumerate(active) if a < active[0] * (1 - cfg.stall_ratio)),
-                 len(active))
+    armed = 0 if cfg.arm_ratio == 0 else next(
+        (i for i, a in enumerate(active) if a < active[0] * (1 - cfg.arm_ratio)), len(active))
     active = active[armed:]
     n = len(active)
 

@@ -76,8 +76,11 @@ def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
       lambda_max=math.inf if eta_up is None else ASYMMETRIC_LAMBDA_MAX,
       violation_clip=placeholder(float), ema_init="first"))
   c.multiplier.eta_up = eta_up
-  # enabled is the master switch; stall_enabled / breach_enabled switch each rule.
+  # enabled is the master switch; stall_enabled / breach_enabled switch each rule. window and
+  # patience count logged rows (log_every steps each): 20 x 10 = 200 steps, because on the
+  # testbed 50-step windows stalled runs that went on from 2% to 44% gate sparsity
+  # (docs/results/lcdd_testbed.md).
   c.stop = ml_collections.ConfigDict(dict(
-      enabled=True, stall_enabled=True, breach_enabled=True, window=5, stall_ratio=0.01,
-      patience=3, breach_ratio=0.5, stop_when_empty=True))
+      enabled=True, stall_enabled=True, breach_enabled=True, window=20, stall_ratio=0.01,
+      patience=3, breach_ratio=0.5, stop_when_empty=True, arm_ratio=0.01))
   return c

@@ -92,7 +92,7 @@ def test_config_validation():
 
 def test_stall_arms_only_once_sparsification_started():
   # A flat count right after warmup is the controller still ramping lambda: no stall, however
-  # long; once a gate drop of >= 10% below the first row happened, windows start there.
+  # long; once the count fell arm_ratio (1%) below the first row, windows start there.
   flat = _rows([100] * 12, [2.0] * 12)
   assert all(stop_reason(flat[:n], CFG, R) is None for n in range(1, len(flat) + 1))
   rows = _rows([100] * 6 + [85, 70, 69, 68.5], [2.0] * 10)

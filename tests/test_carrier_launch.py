@@ -91,7 +91,7 @@ def test_launch_lcdd_kl_cached_sharded_with_one_stop_rule(tmp_path):
        "--config.data.max_len=48", "--config.multiplier.warmup_steps=1",
        "--config.task_loss=kl", "--config.teacher=cached", "--config.teacher_top_k=8",
        "--config.shard=True", "--config.mesh_model=2", "--config.stop.window=1",
-       "--config.stop.patience=1", "--config.stop.stall_ratio=1.0",
+       "--config.stop.patience=1", "--config.stop.stall_ratio=1.0", "--config.stop.arm_ratio=0",
        "--config.stop.breach_enabled=False", "--config.delta.learning_rate=1e-3"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -135,7 +135,8 @@ def test_train_loop_logs_the_controller_and_stops_on_the_stall_rule():
   state = TrainState.create(car, tx, jax.random.PRNGKey(0))
   step = make_lcdd_train_step(CONFIG, tx)
   rows = []
-  stop = make_stop_fn(StopConfig(window=1, stall_ratio=1.0, patience=1, breach_ratio=None),
+  stop = make_stop_fn(StopConfig(window=1, stall_ratio=1.0, patience=1, breach_ratio=None,
+                                 arm_ratio=0.0),
                       mcfg.budget_ratio)
 
   def stop_fn(s, metrics):

@@ -18,7 +18,7 @@ CONFIG = ModelConfig(model_type="llama", vocab_size=40, hidden_size=8, intermedi
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4)
 # Window 1, patience 2, stall ratio 1: every post-warmup row after the first counts as stalled,
 # so the run stops at the third post-warmup row: step 3 (T_w = 1, one row per step).
-STOP = StopConfig(window=1, stall_ratio=1.0, patience=2, breach_ratio=None)
+STOP = StopConfig(window=1, stall_ratio=1.0, patience=2, breach_ratio=None, arm_ratio=0.0)
 
 
 def _examples():

@@ -36,27 +36,13 @@ import time
 
 import numpy as np
 
+from timing import interleaved, torch_at
+
 # Issue 8's measurements on the 2-core CI machine, before the speed work (printed for contrast).
 BEFORE = {"testbed_s_per_step": 0.5, "train_vs_torch": 0.49, "mcq_vs_hf": 0.60,
           "generate_vs_hf": 0.56}
 TARGETS = {"train_vs_torch": 0.75, "loop_vs_bare": 1.15, "testbed_speedup": 2.5}
 LOSS_TOL, MCQ_AGREEMENT, TEXT_AGREEMENT = 1e-4, 0.99, 0.95
-
-
-def _interleaved(fns, repeats, warmup):
-  """Median seconds per call of each fn, plus each fn's first-call seconds.
-
-  Calls alternate between the fns (a, b, a, b, ...) so that background load on a shared machine
-  hits both sides alike instead of whichever happened to run second. The first `warmup` calls of
-  each fn (jit compile, allocator warm-up) are not timed as steady state.
-  """
-  times = [[] for _ in fns]
-  for _ in range(warmup + repeats):
-    for k, fn in enumerate(fns):
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
-  return [float(np.median(t[warmup:])) for t in times], [t[0] for t in times]
 
 
 def _fail(check: str, detail: str):
@@ -123,7 +109,7 @@ def bench_train_step(args, hf, config, params, tok, world, threads):
 
   torch_losses = [[] for _ in threads]
   warm = 2  # step 0 compiles (jax) / warms the allocator (torch); step 1 settles
-  medians, firsts = _interleaved(
+  medians, firsts = interleaved(
       [ours_step] + [make_torch_step(n, l) for n, l in zip(threads, torch_losses)],
       args.steps, warm)
   t_ours, best = medians[0], int(np.argmin(medians[1:]))
@@ -295,12 +281,7 @@ def bench_scorers(args, hf, config, params, tok, world, threads):
     gen_out["hf"] = texts
 
   def compare(name, ours_fn, hf_fn, check):
-    def at(n):  # the thread count is set per call because the fns are interleaved
-      def fn():
-        torch.set_num_threads(n)
-        hf_fn()
-      return fn
-    medians, _ = _interleaved([ours_fn] + [at(n) for n in threads], args.repeats, 1)
+    medians, _ = interleaved([ours_fn] + [torch_at(n, hf_fn) for n in threads], args.repeats, 1)
     t_ours, t_hf = medians[0], min(medians[1:])
     note = check()  # raises SystemExit before any ratio is printed
     others = ", ".join(f"{n_p / t:.1f} at {n} thread(s)" for n, t in zip(threads, medians[1:]))

@@ -26,16 +26,7 @@ import time
 
 import numpy as np
 
-
-def _interleaved(fns, repeats, warmup):
-  """Median seconds per call of each fn (calls alternate so background load hits all alike)."""
-  times = [[] for _ in fns]
-  for _ in range(warmup + repeats):
-    for k, fn in enumerate(fns):
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
-  return [float(np.median(t[warmup:])) for t in times]
+from timing import interleaved
 
 
 def bench_steps(args):
@@ -102,7 +93,7 @@ def bench_steps(args):
   runners = [lora_runner(all_heads_mask((L, H)), None), lora_runner(head_mask, None),
              lora_runner(head_mask, "one_sided"), full_sft_runner()]
   t0 = time.perf_counter()
-  medians = _interleaved([r for r, _ in runners], args.steps, warmup=2)
+  medians, _ = interleaved([r for r, _ in runners], args.steps, warmup=2)
   first = [losses[0] for _, losses in runners[:3]]
   if max(first) - min(first) > 1e-5:
     raise SystemExit(f"CROSS-CHECK FAILED: first-step LoRA losses differ: {first}")
@@ -155,7 +146,7 @@ def bench_seam(args):
         raise SystemExit("CROSS-CHECK FAILED: the two seams give different gradients")
     fns = [lambda: jax.block_until_ready(weight_side(*xs)),
            lambda: jax.block_until_ready(activation_side(*xs))]
-    tw, ta = _interleaved(fns, args.steps, warmup=1)
+    (tw, ta), _ = interleaved(fns, args.steps, warmup=1)
     print(f"tokens {n_tok:5d}, D = H*Dh = {d:5d}          {tw:14.5f} {ta:18.5f} {tw / ta:6.2f}x")
 
 

@@ -5,7 +5,9 @@ from the paper, on the same checkpoint and calibration sets, measured in one run
   python benchmarks/bench_diagnosis.py --setting=smol      # SmolLM-135M shape, random weights
 
 Ours: `cast_jax.diagnosis` (head_gradients -> optimization_conflict; mcq_sweep -> H_gen;
-safety_sweep -> H_safe; score_heads). Reference (`diagnosis_reference.py`): HF transformers
+safety_sweep -> H_safe, by its default divergence-first decoding; score_heads); with
+--compare_decode (default on) the safety stage is also timed with method="decode" (step by
+step: the numbers before divergence-first decoding) and its decisions must be identical. Reference (`diagnosis_reference.py`): HF transformers
 (PyTorch, CPU), a Python loop over heads with an o_proj forward pre-hook zeroing that head's
 input slice, prompts batched, letter-restricted argmax at the last position, greedy
 `model.generate` judged by the same keyword rule, torch autograd for W_q's gradients, ranks
@@ -99,8 +101,8 @@ class Ours:
   """This library's diagnosis, stage by stage (each returns its arrays); heads None (all, the
   library's full sweeps) or the timed [(layer, head)] (layers `args.layers`)."""
 
-  def __init__(self, x, cal, args, heads):
-    self.x, self.cal, self.args, self.heads = x, cal, args, heads
+  def __init__(self, x, cal, args, heads, method="divergence"):
+    self.x, self.cal, self.args, self.heads, self.method = x, cal, args, heads, method
 
   def gradients(self):
     from cast_jax.diagnosis import calibration, head_gradients, optimization_conflict
@@ -130,7 +132,8 @@ class Ours:
     from cast_jax.diagnosis import refusals_under_masks, safety_sweep
     p, c, cal, a = self.x["params"], self.x["config"], self.cal, self.args
     L, H = c.num_layers, c.num_heads
-    kw = dict(max_new_tokens=a.gen_len, pad_id=cal["pad"], batch_size=a.batch_size)
+    kw = dict(max_new_tokens=a.gen_len, pad_id=cal["pad"], batch_size=a.batch_size,
+              method=self.method)
     n = 1 + (L * H if self.heads is None else len(self.heads))
     if self.heads is None:
       s = safety_sweep(p, c, self.x["tok"], cal["safe_prompts"], mask_block=_balanced_block(n),
@@ -268,6 +271,8 @@ def main():
                   help="smol: comma-separated layers whose heads are timed (default first,last)")
   ap.add_argument("--warm", type=int, default=None, help="also time ours compiled (default 1)")
   ap.add_argument("--torch_threads", type=int, nargs="*", default=None)
+  ap.add_argument("--compare_decode", type=int, default=1,
+                  help="also time the safety sweep's step-by-step method (before / after)")
   args = ap.parse_args()
   testbed = args.setting == "testbed"
   defaults = dict(n_safe=100 if testbed else 8, n_util=64 if testbed else 8,
@@ -316,6 +321,19 @@ def main():
       _, t_w[stage] = _timed(getattr(ours, stage))
     print(f"  {stage:9s} ours {t_o[stage]:8.2f} s" + (f" (warm {t_w[stage]:.2f} s)" if t_w else "")
           + f"   reference {t_r[stage]:8.2f} s", flush=True)
+
+  if args.compare_decode:  # the safety sweep's step-by-step method: the "before" numbers
+    plain = Ours(x, cal, args, heads, method="decode")
+    got_d, t_dc = _timed(plain.safety)
+    _, t_dw = _timed(plain.safety)
+    same = all(np.array_equal(np.asarray(a, bool), np.asarray(b, bool))
+               for a, b in zip(got_d, got_o["safety"]))
+    print(f"  safety, method=decode (step by step): {t_dc:.2f} s (warm {t_dw:.2f} s); "
+          f"divergence: {t_o['safety']:.2f} s" + (f" (warm {t_w['safety']:.2f} s)" if t_w else "")
+          + f"; decisions {'identical' if same else 'DIFFER'}", flush=True)
+    if not same:
+      print("CHECK FAILED: the safety sweep's methods disagree")
+      raise SystemExit(1)
 
   flat = np.asarray([l * H + h for l, h in ref_heads])
   answers = np.asarray(cal["mcq_set"].answers)

@@ -72,7 +72,9 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
                    temperature: float, top_p: float, adapter_fn: AdapterFn | None,
                    cache_sharding: Any):
   """The decoding program: (tokens [*M, B, N], lengths [*M, B]) for head_mask None, [L, H] or a
-  stack [M, L, H] (the same prompts decoded under each of M masks).
+  stack [M, L, H] (the same prompts decoded under each of M masks). With a stack, input_ids and
+  attention_mask may be [M, B, P]: mask m then decodes its own prompts (the divergence sweep's
+  resumed pairs, `diagnosis.divergence_decode`).
 
   Under a stack only the model calls are vmapped over the masks; the decoding loop stays one
   unbatched `while_loop` over all M * B rows. Vmapping the whole loop instead makes its stop
@@ -82,13 +84,15 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
   vmap of the single-mask program does.
   """
   stacked = head_mask is not None and jnp.ndim(head_mask) == 3
-  B, P = input_ids.shape
+  own = input_ids.ndim == 3  # [M, B, P]: each mask its own prompts
+  B, P = input_ids.shape[-2:]
   N = max_new_tokens
-  kv_valid = jnp.concatenate([attention_mask, jnp.zeros((B, N), attention_mask.dtype)], axis=1)
-  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+  kv_valid = jnp.concatenate(
+      [attention_mask, jnp.zeros((*attention_mask.shape[:-1], N), attention_mask.dtype)], axis=-1)
+  positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
   extra = dict(adapter_fn=adapter_fn, adapter_params=adapter_params)
 
-  def prefill(hm):
+  def prefill(hm, input_ids, positions, kv_valid):
     cache = init_cache(config, B, P + N, params["embed"].dtype)
     if cache_sharding is not None:
       cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
@@ -97,7 +101,7 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
                                    logits_at=[-1], head_mask=hm, **extra)
     return logits[:, 0], cache
 
-  def step(tok, cache, kv_valid, i, hm):
+  def step(tok, cache, kv_valid, i, hm, positions):
     pos = (positions[:, -1] + 1 + i)[:, None]
     logits, cache = forward_cached(params, config, tok[:, None], pos, kv_valid, cache, P + i,
                                    head_mask=hm, **extra)
@@ -109,9 +113,11 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
   lead = ()
   if stacked:
     lead = (head_mask.shape[0],)
-    prefill, select = jax.vmap(prefill), jax.vmap(select, in_axes=(0, None))
-    step = jax.vmap(step, in_axes=(0, 0, None, None, 0))
-  logits, cache = prefill(head_mask)
+    p_ax = 0 if own else None
+    prefill = jax.vmap(prefill, in_axes=(0, p_ax, p_ax, p_ax))
+    select = jax.vmap(select, in_axes=(0, None))
+    step = jax.vmap(step, in_axes=(0, 0, p_ax, None, 0, p_ax))
+  logits, cache = prefill(head_mask, input_ids, positions, kv_valid)
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
   def cond(state):
@@ -125,8 +131,8 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
     tokens = tokens.at[..., i].set(tok)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(tok, eos_arr)
-    kv_valid = kv_valid.at[:, P + i].set(1)
-    step_logits, cache = step(tok, cache, kv_valid, i, head_mask)
+    kv_valid = kv_valid.at[..., P + i].set(1)
+    step_logits, cache = step(tok, cache, kv_valid, i, head_mask, positions)
     return i + 1, step_logits, cache, kv_valid, done, tokens, lengths
 
   state = (jnp.int32(0), logits, cache, kv_valid, jnp.zeros((*lead, B), bool),

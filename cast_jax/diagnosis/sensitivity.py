@@ -8,9 +8,13 @@ a block of masks runs as one vmapped program and each shape compiles once.
 Layer skipping (MCQ half): the residual stream entering layer l is the same under every mask
 that only zeroes heads of layers >= l, so it is computed once per prompt chunk (`forward(...,
 collect=("residual",))`) and the masks of layer l's heads run layers [l, L) only
-(`models.layer_skip.forward_from_layer`): on average half the layers of a full forward. The
-safety half cannot skip that way: every decoding step of the layers below l reads tokens that
-the ablation above changed, so its masks run whole decoding programs, M masks at a time.
+(`models.layer_skip.forward_from_layer`): on average half the layers of a full forward.
+
+Safety half (`method`): step-by-step decoding cannot skip layers (every step below l reads
+tokens the ablation above changed), so the default "divergence" method decodes the base once,
+checks each (mask, prompt) pair against that continuation with one teacher-forced, layer-skipped
+forward and decodes only the pairs that part from it, from where they part
+(`divergence_decode`; equal to the step-by-step "decode" method up to float ties, see there).
 
 Ablation units (`group`): unit u of layer l zeroes query heads [u * group, (u + 1) * group)
 (`head_ablation.unit_masks`); results are [L, H // group, ...]. Resume: both sweeps take the
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cast_jax import generate as gen
+from cast_jax.diagnosis import divergence_decode as dd
 from cast_jax.diagnosis import layer_sweep
 from cast_jax.diagnosis.calibration import MCQSet
 from cast_jax.diagnosis.head_ablation import num_units, unit_masks
@@ -178,79 +183,146 @@ def _greedy_under_masks(params, config, chunk, block, *, max_new_tokens, eos, pa
   return np.asarray(tokens), np.asarray(lengths)
 
 
-def decode_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
-                       prompt_ids: Sequence[Sequence[int]], head_masks, *, max_new_tokens: int,
-                       pad_id: int, batch_size: int = 16, mask_block: int = 8,
-                       devices: Any = None) -> list[list[str]]:
-  """Greedy responses to N prompts under each of M head masks, decoded to text.
+METHODS = ("divergence", "decode")
+# The safety sweep's divergence path switches to step-by-step decoding for the rest of the sweep
+# once a block leaves more than this fraction of the decoding steps to its parted pairs (the
+# teacher-forced pass costs about a third of a decode of the same tokens on the testbed and
+# the 135M shape, so past about a half the plain path is faster). Results are the same.
+AUTO_PLAIN = 0.5
 
-  Args:
-    prompt_ids: N token lists of rendered prompts.
-    head_masks: [M, L, H]; `mask_block` of them decode together (one vmapped program; a short
-      last block is filled with copies so every block compiles once per prompt shape).
-    max_new_tokens: greedy tokens per response (stops at the config's / tokenizer's EOS).
-    pad_id: id used for left padding and after EOS.
-    batch_size: prompts per chunk (length-sorted, fixed-shape: `eval.batching.prompt_chunks`).
-    devices: each block's masks are split over these (default all; one device: `generate`).
-  Returns:
-    [M][N] response strings, the EOS token stripped, special tokens skipped.
-  """
-  masks = np.asarray(head_masks, np.float32)
+
+def _check_decode_args(masks, config, mask_block, max_new_tokens, method, where):
   L, H = config.num_layers, config.num_heads
   if masks.ndim != 3 or masks.shape[1:] != (L, H):
-    raise ValueError(f"decode_under_masks: head_masks must be [M, L={L}, H={H}], got "
-                     f"{masks.shape}")
-  mask_block = int(mask_block)
-  if mask_block < 1:
-    raise ValueError(f"decode_under_masks: mask_block={mask_block} must be >= 1")
+    raise ValueError(f"{where}: head_masks must be [M, L={L}, H={H}], got {masks.shape}")
+  if int(mask_block) < 1:
+    raise ValueError(f"{where}: mask_block={mask_block} must be >= 1")
   if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
       or max_new_tokens < 0):
-    raise ValueError(f"decode_under_masks: max_new_tokens={max_new_tokens!r}; use an integer "
-                     ">= 0 (0 gives empty responses)")
-  mesh = mask_mesh(devices)
+    raise ValueError(f"{where}: max_new_tokens={max_new_tokens!r}; use an integer >= 0 (0 gives "
+                     "empty responses)")
+  if method not in METHODS:
+    raise ValueError(f"{where}: method={method!r}; use one of {METHODS}")
+
+
+def _plain_tokens(params, config, prompt_ids, masks, *, max_new_tokens, eos, pad_id, batch_size,
+                  mask_block, mesh):
+  """tokens [M, N, G], lengths [M, N]: every (mask, prompt) pair decoded step by step."""
   M, N = masks.shape[0], len(prompt_ids)
-  eos = _eos_ids(config, tokenizer)
-  texts = [[""] * N for _ in range(M)]
-  if max_new_tokens == 0:
-    return texts
-  for chunk in batching.prompt_chunks(prompt_ids, batch_size, pad_id):
+  tokens = np.full((M, N, max_new_tokens), pad_id, np.int32)
+  lengths = np.zeros((M, N), np.int32)
+  for chunk in batching.prompt_chunks(prompt_ids, batch_size, pad_id, multiple=dd.MULTIPLE):
     real = len(chunk.indices)
     for start in range(0, M, mask_block):
       block = masks[start:start + mask_block]
       m = len(block)
       block = np.concatenate([block, np.repeat(block[:1], mask_block - m, axis=0)])
-      tokens, lengths = _greedy_under_masks(params, config, chunk, block,
-                                            max_new_tokens=max_new_tokens, eos=eos, pad=pad_id,
-                                            mesh=mesh)
-      for i in range(m):
-        for row in range(real):
-          ids = tokens[i, row, :lengths[i, row]].tolist()
-          if ids and ids[-1] in eos:
-            ids = ids[:-1]
-          texts[start + i][chunk.indices[row]] = tokenizer.decode(ids, skip_special_tokens=True)
+      t, n = _greedy_under_masks(params, config, chunk, block, max_new_tokens=max_new_tokens,
+                                 eos=eos, pad=pad_id, mesh=mesh)
+      tokens[start:start + m, chunk.indices] = t[:m, :real]
+      lengths[start:start + m, chunk.indices] = n[:m, :real]
+  return tokens, lengths
+
+
+def _block_tokens(params, config, prompt_ids, masks, blocks, *, max_new_tokens, eos, pad_id,
+                  batch_size, mask_block, mesh, method):
+  """Yields (key, start, end, tokens [end - start, N, G], lengths [end - start, N]) for each
+  block (key, start, end) of masks [M, L, H], in order, by `method`.
+
+  "divergence": the base is decoded once; parted pairs of consecutive blocks decode together
+  in whole groups (a block is yielded once all of its pairs are done); once a block would leave
+  more than AUTO_PLAIN of its decoding steps to parted pairs, it and the rest decode step by
+  step (cheaper then; the same outputs).
+  """
+  kw = dict(max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, batch_size=batch_size,
+            mask_block=mask_block, mesh=mesh)
+  group_size = mask_block * batch_size
+  plain = method == "decode"
+  runs, pending = None, []  # pending: (key, start, end, dd.Pending) not yet yielded
+  for i, (key, s, e) in enumerate(blocks):
+    if not plain:
+      if runs is None:
+        runs = dd.base_runs(params, config, prompt_ids, max_new_tokens=max_new_tokens, eos=eos,
+                            pad_id=pad_id, batch_size=batch_size, group_size=group_size)
+      p = dd.find_divergence(params, config, runs, prompt_ids, masks[s:e], eos=eos,
+                             pad_id=pad_id, mask_block=mask_block, mesh=mesh)
+      plain = p.resume_fraction > AUTO_PLAIN
+      if not plain:
+        pending.append((key, s, e, p))
+      dd.finish(params, config, [q for *_, q in pending], group_size=group_size, eos=eos,
+                pad_id=pad_id, whole_groups=not plain and i < len(blocks) - 1)
+      while pending and not pending[0][3].rows:
+        k, a, b, q = pending.pop(0)
+        yield k, a, b, q.tokens, q.lengths
+    if plain:
+      yield (key, s, e, *_plain_tokens(params, config, prompt_ids, masks[s:e], **kw))
+
+
+def _masked_tokens(params, config, prompt_ids, masks, *, max_new_tokens, eos, pad_id, batch_size,
+                   mask_block, mesh, method):
+  """(tokens [M, N, G], lengths [M, N]) by `method`, in blocks of `mask_block` masks."""
+  M, N = masks.shape[0], len(prompt_ids)
+  tokens = np.full((M, N, max_new_tokens), pad_id, np.int32)
+  lengths = np.zeros((M, N), np.int32)
+  blocks = [(None, s, min(s + mask_block, M)) for s in range(0, M, mask_block)]
+  for _, s, e, t, n in _block_tokens(params, config, prompt_ids, masks, blocks,
+                                     max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                                     batch_size=batch_size, mask_block=mask_block, mesh=mesh,
+                                     method=method):
+    tokens[s:e], lengths[s:e] = t, n
+  return tokens, lengths
+
+
+def _texts(tokenizer, tokens, lengths, eos) -> list[list[str]]:
+  """[M][N] strings of tokens [M, N, G] up to lengths [M, N], a final EOS stripped."""
+  texts = []
+  for m in range(tokens.shape[0]):
+    row = []
+    for n in range(tokens.shape[1]):
+      ids = tokens[m, n, :lengths[m, n]].tolist()
+      if ids and ids[-1] in eos:
+        ids = ids[:-1]
+      row.append(tokenizer.decode(ids, skip_special_tokens=True))
+    texts.append(row)
   return texts
 
 
-def refusals_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
-                         prompt_ids: Sequence[Sequence[int]], head_masks, *,
-                         max_new_tokens: int = 64, pad_id: int, batch_size: int = 16,
-                         mask_block: int = 8, judge: Judge | None = None,
-                         judge_prompts: Sequence[str] | None = None,
-                         devices: Any = None) -> np.ndarray:
-  """Refusal decisions of greedy generations under each of M head masks.
+def decode_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
+                       prompt_ids: Sequence[Sequence[int]], head_masks, *, max_new_tokens: int,
+                       pad_id: int, batch_size: int = 16, mask_block: int = 8,
+                       devices: Any = None, method: str = "divergence") -> list[list[str]]:
+  """Greedy responses to N prompts under each of M head masks, decoded to text.
 
   Args:
-    prompt_ids, head_masks [M, L, H], max_new_tokens, pad_id, batch_size, mask_block, devices:
-      as in `decode_under_masks`.
-    judge: refusal rule (default keyword `KeywordJudge`); an empty response is no refusal.
-    judge_prompts: the raw requests the judge sees (default "" each; keyword rules ignore them).
+    prompt_ids: N token lists of rendered prompts.
+    head_masks: [M, L, H]; `mask_block` of them run together (one vmapped program; a short
+      last block is filled with copies so every block compiles once per prompt shape).
+    max_new_tokens: greedy tokens per response (stops at the config's / tokenizer's EOS).
+    pad_id: id used for left padding and after EOS.
+    batch_size: prompts per chunk (length-sorted, fixed-shape: `eval.batching.prompt_chunks`,
+      lengths padded to a multiple of 32 so few programs compile).
+    devices: each block's masks are split over these (default all; one device: `generate`).
+    method: "divergence" (default): decode the base once, find each pair's first differing
+      step with one teacher-forced forward per mask, decode only the pairs that differ
+      (`divergence_decode`; equal to "decode" up to float ties, see its caveat), switching
+      to step-by-step decoding once a block of masks shows it would not pay (`AUTO_PLAIN`);
+      "decode": every pair decoded step by step.
   Returns:
-    bool [M, N]: response n under mask m was judged a refusal.
+    [M][N] response strings, the EOS token stripped, special tokens skipped.
   """
-  texts = decode_under_masks(params, config, tokenizer, prompt_ids, head_masks,
-                             max_new_tokens=max_new_tokens, pad_id=pad_id, batch_size=batch_size,
-                             mask_block=mask_block, devices=devices)
-  N = len(prompt_ids)
+  masks = np.asarray(head_masks, np.float32)
+  _check_decode_args(masks, config, mask_block, max_new_tokens, method, "decode_under_masks")
+  M, N = masks.shape[0], len(prompt_ids)
+  if max_new_tokens == 0:
+    return [[""] * N for _ in range(M)]
+  eos = _eos_ids(config, tokenizer)
+  tokens, lengths = _masked_tokens(
+      params, config, prompt_ids, masks, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+      batch_size=batch_size, mask_block=int(mask_block), mesh=mask_mesh(devices), method=method)
+  return _texts(tokenizer, tokens, lengths, eos)
+
+
+def _judged(texts, judge, judge_prompts, N) -> np.ndarray:
   judged = list(judge_prompts) if judge_prompts is not None else [""] * N
   if len(judged) != N:
     raise ValueError(f"refusals_under_masks: {len(judged)} judge_prompts for {N} prompts")
@@ -259,6 +331,28 @@ def refusals_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
     verdicts, _ = score_refusals(judged, responses, judge)
     refused[m] = [v is Verdict.REFUSED for v in verdicts]
   return refused
+
+
+def refusals_under_masks(params: Params, config: ModelConfig, tokenizer: Any,
+                         prompt_ids: Sequence[Sequence[int]], head_masks, *,
+                         max_new_tokens: int = 64, pad_id: int, batch_size: int = 16,
+                         mask_block: int = 8, judge: Judge | None = None,
+                         judge_prompts: Sequence[str] | None = None,
+                         devices: Any = None, method: str = "divergence") -> np.ndarray:
+  """Refusal decisions of greedy generations under each of M head masks.
+
+  Args:
+    prompt_ids, head_masks [M, L, H], max_new_tokens, pad_id, batch_size, mask_block, devices,
+      method: as in `decode_under_masks`.
+    judge: refusal rule (default keyword `KeywordJudge`); an empty response is no refusal.
+    judge_prompts: the raw requests the judge sees (default "" each; keyword rules ignore them).
+  Returns:
+    bool [M, N]: response n under mask m was judged a refusal.
+  """
+  texts = decode_under_masks(params, config, tokenizer, prompt_ids, head_masks,
+                             max_new_tokens=max_new_tokens, pad_id=pad_id, batch_size=batch_size,
+                             mask_block=mask_block, devices=devices, method=method)
+  return _judged(texts, judge, judge_prompts, len(prompt_ids))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,34 +389,53 @@ def safety_sweep(params: Params, config: ModelConfig, tokenizer: Any,
                  prompt_ids: Sequence[Sequence[int]], *, group: int = 1, mask_block: int = 8,
                  done: Mapping[str, np.ndarray] | None = None,
                  on_block: Callable[[str, np.ndarray], None] | None = None,
-                 progress: Callable[[float], None] | None = None, **kwargs) -> SafetySweep:
+                 progress: Callable[[float], None] | None = None, max_new_tokens: int = 64,
+                 pad_id: int, batch_size: int = 16, judge: Judge | None = None,
+                 judge_prompts: Sequence[str] | None = None, devices: Any = None,
+                 method: str = "divergence") -> SafetySweep:
   """Refusal decisions on D_safe for the base model and every unit ablation.
 
-  kwargs: those of `refusals_under_masks` (max_new_tokens, pad_id, batch_size, judge,
-  judge_prompts, devices). The base model runs as one more mask (all ones) in the same
-  programs. The masks run in `safety_blocks(config, group, mask_block)` order; done {key:
-  bool [end - start, N]} are blocks an earlier run finished (not recomputed), on_block(key,
-  refused [end - start, N]) is called as each remaining block finishes, progress(units) with
-  the masks it held.
+  max_new_tokens, pad_id, batch_size, judge, judge_prompts, devices, method: as in
+  `refusals_under_masks`. The base model runs as one more mask (all ones) in the same
+  programs; with method "divergence" its continuations are decoded once for the whole sweep
+  and every block is checked against them (`_block_tokens`). The masks run in
+  `safety_blocks(config, group, mask_block)` order; done {key: bool [end - start, N]} are blocks an earlier run finished (not
+  recomputed), on_block(key, refused [end - start, N]) is called as each remaining block
+  finishes, progress(units) with the masks it held.
   """
   L, U = config.num_layers, num_units(config, group)
   masks = np.concatenate([np.ones((1, L, config.num_heads), np.float32),
                           unit_masks(config, group)])
+  _check_decode_args(masks, config, mask_block, max_new_tokens, method, "safety_sweep")
   N = len(prompt_ids)
+  eos, mesh = _eos_ids(config, tokenizer), mask_mesh(devices)
+  mask_block = int(mask_block)
   refused = np.zeros((len(masks), N), bool)
   done = dict(done or {})
+  todo = []
   for key, s, e in safety_blocks(config, group, mask_block):
-    if key in done:
-      got = np.asarray(done[key], bool)
-      if got.shape != (e - s, N):
-        raise ValueError(f"stored safety block {key} has shape {got.shape}, expected "
-                         f"{(e - s, N)}: it belongs to another run; use a new workdir")
-    else:
-      got = refusals_under_masks(params, config, tokenizer, prompt_ids, masks[s:e],
-                                 mask_block=mask_block, **kwargs)
-      if on_block is not None:
-        on_block(key, got)
-      if progress is not None:
-        progress(e - s)
+    if key not in done:
+      todo.append((key, s, e))
+      continue
+    got = np.asarray(done[key], bool)
+    if got.shape != (e - s, N):
+      raise ValueError(f"stored safety block {key} has shape {got.shape}, expected "
+                       f"{(e - s, N)}: it belongs to another run; use a new workdir")
     refused[s:e] = got
+  if max_new_tokens == 0:
+    outputs = ((k, s, e, None, None) for k, s, e in todo)
+  else:
+    outputs = _block_tokens(params, config, prompt_ids, masks, todo,
+                            max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                            batch_size=batch_size, mask_block=mask_block, mesh=mesh,
+                            method=method)
+  for key, s, e, tokens, lengths in outputs:
+    texts = (_texts(tokenizer, tokens, lengths, eos) if max_new_tokens
+             else [[""] * N for _ in range(e - s)])
+    got = _judged(texts, judge, judge_prompts, N)
+    refused[s:e] = got
+    if on_block is not None:
+      on_block(key, got)
+    if progress is not None:
+      progress(e - s)
   return SafetySweep(refused[0], refused[1:].reshape(L, U, N))

@@ -18,3 +18,6 @@ _CACHE = os.environ.get("CAST_JAX_CACHE",
                         os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache"))
 jax.config.update("jax_compilation_cache_dir", os.path.join(_CACHE, "jax_compilation"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Session fixtures of the diagnosis launch tests (one tiny launch run shared by three modules).
+from diagnosis_launch_fixtures import diag_files, diag_first  # noqa: E402,F401

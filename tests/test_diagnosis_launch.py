@@ -2,69 +2,17 @@
 cached stages and refusal of a different run; `diagnosis.stage_cache` on its own."""
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from cast_jax.diagnosis import stage_cache
-from cast_jax.testbed import build_tokenizer, build_world
 from cast_jax.train.fingerprint import FingerprintMismatchError, make_fingerprint
-from hf_models import make_hf_model, save_hf
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from diagnosis_launch_fixtures import _args, _launch, _stage_lines
 
 
-def _launch(*args, cwd):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the tests' 8 simulated devices are not the launch default
-  return subprocess.run([sys.executable, "-m", "launch.diagnose", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  """A tiny random Llama with the testbed tokenizer, and 8-row D_safe / D_util JSONL files."""
-  root = tmp_path_factory.mktemp("diagnose")
-  world = build_world(0)
-  tok = build_tokenizer(world)
-  save_hf(make_hf_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id),
-          root / "model")
-  tok.save_pretrained(root / "model")
-  for name in ("d_safe", "d_util"):
-    rows = world.files[f"calib/{name}.jsonl"][:8]
-    (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  rows = world.files["gsm8k/test.jsonl"][:8]  # reasoning D_util (GSM8K schema)
-  (root / "d_gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  (root / "prefixes.txt").write_text("# GCG-style\nI'm sorry\n\nI cannot\n")
-  (root / "no_prefixes.txt").write_text("# nothing but a comment\n\n")
-  return root
-
-
-def _args(workdir, *extra):
-  # The issue's short flags and --config.<field> overrides, both.
-  return [f"--workdir={workdir}", "--model=model", "--safe_data=d_safe.jsonl",
-          "--util_data=d_util.jsonl", "--n_safe=4", "--config.n_util=6", "--gen_len=4",
-          "--config.batch_size=4", "--buckets=4", *extra]
-
-
-def _stage_lines(stdout):
-  return [line for line in stdout.splitlines() if "stage " in line and ": " in line]
-
-
-@pytest.fixture(scope="module")
-def first(files):
-  """An uninterrupted run into files/wd."""
-  got = _launch(*_args("wd"), cwd=files)
-  assert got.returncode == 0, got.stderr[-3000:]
-  return got
-
-
-def test_diagnose_writes_the_map_resumes_and_refuses_another_run(files, first):
-  wd = files / "wd"
+def test_diagnose_writes_the_map_resumes_and_refuses_another_run(diag_files, diag_first):
+  wd = diag_files / "wd"
   for name in ("config.json", "fingerprint.json", "conflict_map.json", "buckets.json",
                "heatmap_c.png", "heatmap_o.png", "heatmap_s.png", "summary.md", "times.json"):
     assert (wd / name).is_file(), name
@@ -86,9 +34,9 @@ def test_diagnose_writes_the_map_resumes_and_refuses_another_run(files, first):
     np.testing.assert_allclose(record["heads"]["o"], (1 - z["cos"]) / 2, atol=1e-12)
   sizes = [b["size"] for b in json.loads((wd / "buckets.json").read_text())["buckets"]]
   assert sizes == [3, 3, 3, 3]
-  assert not any("cached" in line for line in _stage_lines(first.stdout))
+  assert not any("cached" in line for line in _stage_lines(diag_first.stdout))
 
-  again = _launch(*_args("wd"), cwd=files)
+  again = _launch(*_args("wd"), cwd=diag_files)
   assert again.returncode == 0, again.stderr[-3000:]
   done = [line for line in _stage_lines(again.stdout) if "cached" in line]
   assert len(done) == 3, again.stdout
@@ -98,35 +46,11 @@ def test_diagnose_writes_the_map_resumes_and_refuses_another_run(files, first):
       "gradients", "mcq_sweep", "safety_sweep"]
 
   config_before = (wd / "config.json").read_text()
-  other = _launch(*_args("wd", "--config.seed=1"), cwd=files)
+  other = _launch(*_args("wd", "--config.seed=1"), cwd=diag_files)
   assert other.returncode != 0
   assert "seed (recorded 0, now 1)" in other.stderr, other.stderr[-2000:]
   assert "Traceback" not in other.stderr
   assert (wd / "config.json").read_text() == config_before
-
-
-def test_killed_run_resumes_to_the_uninterrupted_map(files, first):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.Popen([sys.executable, "-m", "launch.diagnose", *_args("killed")],
-                          cwd=files, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  stages = files / "killed" / "stages"
-  deadline = time.time() + 120
-  while not (stages / "gradients.npz").exists() and proc.poll() is None:
-    assert time.time() < deadline, "stage 1 never finished"
-    time.sleep(0.05)
-  proc.kill()
-  proc.wait()
-  assert not (stages / "safety_sweep.npz").exists()
-  assert not (files / "killed" / "conflict_map.json").exists()
-  resumed = _launch(*_args("killed"), cwd=files)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  lines = _stage_lines(resumed.stdout)
-  assert any("gradients: cached" in line for line in lines), lines
-  assert any("safety_sweep: done" in line for line in lines), lines
-  assert ((files / "killed" / "conflict_map.json").read_text()
-          == (files / "wd" / "conflict_map.json").read_text())
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -141,14 +65,14 @@ def test_killed_run_resumes_to_the_uninterrupted_map(files, first):
     (["--config.safe_data=missing.jsonl"], "--config.safe_data='missing.jsonl' does not exist"),
     (["--util_data=gone/d_util.jsonl"], "--config.util_data='gone/d_util.jsonl' does not exist"),
 ])
-def test_bad_config_is_a_one_line_usage_error_before_writing(files, flags, needle):
+def test_bad_config_is_a_one_line_usage_error_before_writing(diag_files, flags, needle):
   base = {"--model": "model", "--config.safe_data": "d_safe.jsonl", "--util_data": "d_util.jsonl"}
   for flag in flags:
     base[flag.split("=")[0]] = flag.split("=", 1)[1]
-  got = _launch("--workdir=bad", *[f"{k}={v}" for k, v in base.items()], cwd=files)
+  got = _launch("--workdir=bad", *[f"{k}={v}" for k, v in base.items()], cwd=diag_files)
   assert got.returncode == 2 and needle in got.stderr, got.stderr[-2000:]
   assert len(got.stderr.strip().splitlines()) == 1
-  assert not (files / "bad").exists()
+  assert not (diag_files / "bad").exists()
 
 
 def test_stage_cache_claims_computes_once_and_refuses_other_runs(tmp_path):
@@ -174,12 +98,12 @@ def test_stage_cache_claims_computes_once_and_refuses_other_runs(tmp_path):
   assert stage_cache.load_stage(wd, "never") is None
 
 
-def test_kv_target_with_a_prefix_judge_is_recorded_and_fingerprinted(files):
+def test_kv_target_with_a_prefix_judge_is_recorded_and_fingerprinted(diag_files):
   """--target=v: units are KV heads (2 per layer, each removing 2 query heads), every per-unit
   table is [L, KV], the prefix rule is recorded; another target in the workdir is refused."""
-  got = _launch(*_args("wd_v", "--target=v", "--refusal_prefixes=prefixes.txt"), cwd=files)
+  got = _launch(*_args("wd_v", "--target=v", "--refusal_prefixes=prefixes.txt"), cwd=diag_files)
   assert got.returncode == 0, got.stderr[-3000:]
-  wd = files / "wd_v"
+  wd = diag_files / "wd_v"
   record = json.loads((wd / "conflict_map.json").read_text())
   L, KV = 3, 2  # hf_models' llama case: 4 query heads, 2 KV heads
   assert (record["target"], record["unit"], record["num_units"]) == ("v", "kv_head", KV)
@@ -196,17 +120,17 @@ def test_kv_target_with_a_prefix_judge_is_recorded_and_fingerprinted(files):
   assert fingerprint["target"] == "v" and fingerprint["judge"] != "keyword"
   assert "KV heads" in (wd / "summary.md").read_text()
   assert sum(b["size"] for b in json.loads((wd / "buckets.json").read_text())["buckets"]) == L * KV
-  other = _launch(*_args("wd_v", "--target=k", "--refusal_prefixes=prefixes.txt"), cwd=files)
+  other = _launch(*_args("wd_v", "--target=k", "--refusal_prefixes=prefixes.txt"), cwd=diag_files)
   assert other.returncode != 0 and "target (recorded 'v', now 'k')" in other.stderr, \
       other.stderr[-2000:]
 
 
-def test_reasoning_calibration_runs_end_to_end(files):
+def test_reasoning_calibration_runs_end_to_end(diag_files):
   """--util_kind=reasoning: GSM8K-schema D_util, H_gen from generated answers per head."""
   got = _launch(*_args("wd_reason", "--util_kind=reasoning", "--util_data=d_gsm.jsonl",
-                       "--config.reasoning_gen_len=6"), cwd=files)
+                       "--config.reasoning_gen_len=6"), cwd=diag_files)
   assert got.returncode == 0, got.stderr[-3000:]
-  wd = files / "wd_reason"
+  wd = diag_files / "wd_reason"
   record = json.loads((wd / "conflict_map.json").read_text())
   cal = record["calibration"]
   assert (cal["util_kind"], cal["n_util"], cal["reasoning_gen_len"]) == ("reasoning", 6, 6)

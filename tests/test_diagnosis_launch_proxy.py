@@ -10,13 +10,13 @@ import pytest
 
 from cast_jax.diagnosis import scores
 from cast_jax.diagnosis.safety_proxy import ProxySweep
-from test_diagnosis_launch import _args, _launch, _stage_lines, files, first  # noqa: F401
+from diagnosis_launch_fixtures import _args, _launch, _stage_lines
 
 
-def test_teacher_forced_proxy_and_its_spearman(files, first):
-  shutil.copytree(files / "wd", files / "wd_proxy")
-  wd = files / "wd_proxy"
-  only = _launch(*_args("wd_proxy", "--config.safety_proxy=teacher_forced"), cwd=files)
+def test_teacher_forced_proxy_and_its_spearman(diag_files, diag_first):
+  shutil.copytree(diag_files / "wd", diag_files / "wd_proxy")
+  wd = diag_files / "wd_proxy"
+  only = _launch(*_args("wd_proxy", "--config.safety_proxy=teacher_forced"), cwd=diag_files)
   assert only.returncode == 0, only.stderr[-3000:]
   lines = _stage_lines(only.stdout)
   # Same fingerprint as the generation run: its stages are reused, only the proxy runs, and
@@ -34,7 +34,7 @@ def test_teacher_forced_proxy_and_its_spearman(files, first):
   assert record["calibration"]["safety_proxy"] == "teacher_forced"
 
   got = _launch(*_args("wd_proxy", "--config.safety_proxy=teacher_forced",
-                       "--config.report_proxy_spearman=True"), cwd=files)
+                       "--config.report_proxy_spearman=True"), cwd=diag_files)
   assert got.returncode == 0, got.stderr[-3000:]
   assert sum("cached" in line for line in _stage_lines(got.stdout)) == 4, got.stdout
   record = json.loads((wd / "conflict_map.json").read_text())
@@ -53,7 +53,7 @@ def test_teacher_forced_proxy_and_its_spearman(files, first):
     ("--config.safety_proxy=sampling", "--config.safety_proxy='sampling'"),
     ("--config.proxy_openings=I'm sorry||No", "--config.proxy_openings="),
 ])
-def test_bad_proxy_setting_is_a_usage_error(files, flag, needle):
-  got = _launch(*_args("bad_proxy", flag), cwd=files)
+def test_bad_proxy_setting_is_a_usage_error(diag_files, flag, needle):
+  got = _launch(*_args("bad_proxy", flag), cwd=diag_files)
   assert got.returncode == 2 and needle in got.stderr, got.stderr[-2000:]
-  assert not (files / "bad_proxy").exists()
+  assert not (diag_files / "bad_proxy").exists()

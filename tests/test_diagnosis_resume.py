@@ -19,7 +19,7 @@ from cast_jax.eval import EvalModel, score_mcq, score_refusal_generation
 from cast_jax.generate import generate
 from cast_jax.models import forward
 from hf_models import tiny_llama_on_testbed_vocab
-from test_diagnosis_launch import REPO, _args, _launch, files, first  # noqa: F401 (fixtures)
+from diagnosis_launch_fixtures import REPO, _args, _launch
 from test_diagnosis_proxy import _np_target_logprob
 from test_diagnosis_sensitivity import ParityJudge
 
@@ -162,7 +162,7 @@ def test_killed_sweeps_resume_to_the_uninterrupted_result(setup, tmp_path):
   np.testing.assert_array_equal(got.predictions, full.predictions)
   np.testing.assert_array_equal(got.base_predictions, full.base_predictions)
 
-  # The safety sweep: 13 masks in blocks of 5; killed after the first.
+  # The safety sweep: 13 masks in blocks of 5; killed after the diag_first.
   kw = dict(max_new_tokens=GEN_LEN, pad_id=0, batch_size=2, judge=ParityJudge())
 
   def safety(**more):
@@ -210,28 +210,29 @@ runpy.run_module("launch.diagnose", run_name="__main__")
 """
 
 
-def test_launch_killed_mid_safety_sweep_resumes_to_the_same_map(files, first):  # noqa: F811
+def test_launch_killed_mid_safety_sweep_resumes_to_the_same_map(diag_files, diag_first):
   """SIGKILL right after the first stored block of the safety sweep (13 masks, mask_block 5),
-  then an ordinary re-run: the same conflict_map.json as the uninterrupted run (`first`), and
-  the block stored before the kill is reused, not rewritten."""
-  wd = files / "wd_killed"
+  then an ordinary re-run: the same conflict_map.json as the uninterrupted run (`diag_first`),
+  and the block stored before the kill is reused, not rewritten. (Stages 1-2, finished before
+  the kill, are reused too: stage-level resume.)"""
+  wd = diag_files / "wd_killed"
   args = _args("wd_killed", "--config.mask_block=5")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  got = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SAFETY_BLOCK, *args], cwd=files,
-                       env=env, capture_output=True, text=True, timeout=300)
+  got = subprocess.run([sys.executable, "-c", _KILL_AFTER_FIRST_SAFETY_BLOCK, *args],
+                       cwd=diag_files, env=env, capture_output=True, text=True, timeout=300)
   assert got.returncode == -9, got.stderr[-3000:]
   blocks = sorted(os.listdir(wd / "stages" / "safety_sweep"))
   assert blocks == ["masks_000000_000005.npz"]
   assert not (wd / "stages" / "safety_sweep.npz").exists()
   assert not (wd / "conflict_map.json").exists()
   before = os.stat(wd / "stages" / "safety_sweep" / blocks[0])
-  again = _launch(*args, cwd=files)
+  again = _launch(*args, cwd=diag_files)
   assert again.returncode == 0, again.stderr[-3000:]
   after = os.stat(wd / "stages" / "safety_sweep" / blocks[0])
   assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
   assert sorted(os.listdir(wd / "stages" / "safety_sweep")) == [
       "masks_000000_000005.npz", "masks_000005_000010.npz", "masks_000010_000013.npz"]
   ours = json.loads((wd / "conflict_map.json").read_text())
-  ref = json.loads((files / "wd" / "conflict_map.json").read_text())
+  ref = json.loads((diag_files / "wd" / "conflict_map.json").read_text())
   assert ours == ref

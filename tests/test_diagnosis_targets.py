@@ -69,7 +69,7 @@ def test_unit_gradients_equal_torch_autograd(calib, model, target):
   arch, hf, config, params = model
   include_bias = arch == "qwen2" and target != "o"
   U = config.num_kv_heads if target in ("k", "v") else config.num_heads
-  assert targets.num_units(config, target) == U
+  assert targets.target_units(config, target) == U
   assert targets.unit_name(target) == ("kv_head" if target in ("k", "v") else "head")
   got = {}
   for name in ("safe", "util"):

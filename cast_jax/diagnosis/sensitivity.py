@@ -399,8 +399,8 @@ def safety_sweep(params: Params, config: ModelConfig, tokenizer: Any,
   `refusals_under_masks`. The base model runs as one more mask (all ones) in the same
   programs; with method "divergence" its continuations are decoded once for the whole sweep
   and every block is checked against them (`_block_tokens`). The masks run in
-  `safety_blocks(config, group, mask_block)` order; done {key: bool [end - start, N]} are blocks an earlier run finished (not
-  recomputed), on_block(key, refused [end - start, N]) is called as each remaining block
+  `safety_blocks(config, group, mask_block)` order; done {key: bool [end - start, N]} are
+  blocks an earlier run finished (not recomputed), on_block(key, refused [end - start, N]) is called as each remaining block
   finishes, progress(units) with the masks it held.
   """
   L, U = config.num_layers, num_units(config, group)

@@ -60,7 +60,7 @@ def unit_group(config: ModelConfig, target: str) -> int:
   return config.num_heads // config.num_kv_heads
 
 
-def num_units(config: ModelConfig, target: str) -> int:
+def target_units(config: ModelConfig, target: str) -> int:
   """Units per layer: H for q / o, KV for k / v."""
   return config.num_heads // unit_group(config, target)
 

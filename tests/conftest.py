@@ -10,6 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -21,3 +22,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Session fixtures of the diagnosis launch tests (one tiny launch run shared by three modules).
 from diagnosis_launch_fixtures import diag_files, diag_first  # noqa: E402,F401
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops this module's compiled programs when it ends. XLA:CPU maps each executable's code
+  into memory, and a whole-suite process that keeps every program hits the kernel's limit on
+  memory mappings (vm.max_map_count, 65530 by default) and aborts inside a later compile; the
+  persistent compilation cache above makes recompiling a program another module shares cheap."""
+  yield
+  jax.clear_caches()

@@ -26,9 +26,9 @@ from diagnosis_launch_fixtures import diag_files, diag_first  # noqa: E402,F401
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-  """Drops this module's compiled programs when it ends. XLA:CPU maps each executable's code
-  into memory, and a whole-suite process that keeps every program hits the kernel's limit on
-  memory mappings (vm.max_map_count, 65530 by default) and aborts inside a later compile; the
-  persistent compilation cache above makes recompiling a program another module shares cheap."""
+  """Drops this module's compiled programs when it ends. A whole-suite process that kept every
+  program aborted inside a later XLA:CPU compile (twice, at ~75 % of the suite; suspected: the
+  kernel's limit on memory mappings, vm.max_map_count, since XLA:CPU maps each executable's
+  code). The persistent compilation cache above makes a program another module shares cheap."""
   yield
   jax.clear_caches()

@@ -6,23 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cast_jax import data
-from cast_jax.diagnosis import calibration, mask_sharding, safety_proxy, sensitivity
+from cast_jax.diagnosis import mask_sharding, safety_proxy, sensitivity
 from cast_jax.eval import batching
-from hf_models import tiny_llama_on_testbed_vocab
+from test_diagnosis_resume import setup  # noqa: F401 (the tiny model + calibration fixture)
 from test_diagnosis_sensitivity import ParityJudge
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  world, tok, model, config, params = tiny_llama_on_testbed_vocab(tmp_path_factory.mktemp("llama"))
-  mmlu = data.load_mmlu(list(world.files["calib/d_util.jsonl"]), limit=5)
-  safety = data.load_wildjailbreak(list(world.files["calib/d_safe.jsonl"]))[:3]
-  mcq_set, _ = calibration.util_calibration(tok, mmlu, max_len=96)
-  harmful = [data.safety_prompt(r) for r in safety if r.harmful][:2]
-  seqs, ks = safety_proxy.proxy_examples(tok, harmful, ("I'm sorry",))
-  return dict(tok=tok, config=config, params=params, mcq_set=mcq_set, seqs=seqs, ks=ks,
-              prompt_ids=calibration.safety_prompt_ids(tok, safety))
 
 
 def _n_shapes(token_lists, batch_size):

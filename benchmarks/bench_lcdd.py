@@ -1,7 +1,7 @@
 """One LCDD step against one full-SFT step on the same model and batch, measured in one run.
 
   python benchmarks/bench_lcdd.py [--models=testbed,llama8x512 --batch=8 --seq=128
-                                   --repeats=7 --warmup=2 --task_loss=ce]
+                                   --repeats=7 --warmup=2 --task_loss=ce --remat=weights]
 
 Both steps are the library's jitted train steps with donated state, as training runs them:
   * SFT: `make_sft_loss_fn` + `build_optimizer` (AdamW, clipping) + `make_train_step`, every
@@ -108,7 +108,8 @@ def bench(name, args):
   sft_state = TrainState.create(trainable, sft_tx, jax.random.PRNGKey(0))
 
   lcdd_tx = build_lcdd_optimizer(opt)
-  lcdd_step = make_lcdd_train_step(config, lcdd_tx, task_loss=task_loss, teacher=teacher)
+  lcdd_step = make_lcdd_train_step(config, lcdd_tx, task_loss=task_loss, teacher=teacher,
+                                   remat=args.remat)
   carrier = init_carrier(config, base, ft, jax.random.PRNGKey(1))
   lcdd_state = TrainState.create(carrier, lcdd_tx, jax.random.PRNGKey(0))
   lcdd_frozen = {"base": base, "teacher": ft} if args.task_loss == "kl_online" else base
@@ -161,6 +162,8 @@ def main():
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--task_loss", default="ce", choices=("ce", "kl_online", "kl_cached"))
+  p.add_argument("--remat", default="weights", choices=("none", "weights", "full"),
+                 help="LCDD's remat mode (carrier_jax.lcdd.REMAT_MODES); SFT never remats.")
   args = p.parse_args()
   ok = [bench(name, args) for name in args.models.split(",")]
   if not all(ok):

@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from carrier_jax.gates import GateInit, heaviside_ste, init_gate_logits
 from cast_jax.models import ModelConfig
@@ -47,6 +48,10 @@ GATED_WEIGHTS = {
 }
 GATED_BIASES = {"bq": "q", "bk": "k", "bv": "v"}
 NORM_WEIGHTS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
+# `checkpoint_name` of every full-size array `apply_carrier` forms (mask, masked delta, weight): a remat
+# policy that saves everything but these (`carrier_jax.lcdd.REMAT_MODES["weights"]`) recomputes
+# them in the backward (one elementwise pass) instead of keeping a second copy of the model.
+CARRIER_WEIGHT = "carrier_weight"
 
 
 def gate_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -136,9 +141,9 @@ def apply_carrier(layer_params: Params, layer_carrier: Params) -> Params:
     w = layer_params[name]
     if name in masks:
       row, col = masks[name]
-      m = row if col is None else _outer(row, col)
-      dw = m.astype(dw.dtype) * dw
-    out[name] = (w + dw).astype(w.dtype)
+      m = row if col is None else checkpoint_name(_outer(row, col), CARRIER_WEIGHT)
+      dw = checkpoint_name(m.astype(dw.dtype) * dw, CARRIER_WEIGHT)
+    out[name] = checkpoint_name((w + dw).astype(w.dtype), CARRIER_WEIGHT)
   return out
 
 

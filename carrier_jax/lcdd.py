@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from carrier_jax import distill
-from carrier_jax.delta import apply_carrier
+from carrier_jax.delta import CARRIER_WEIGHT, apply_carrier
 from carrier_jax.gates import count_active, sparsity_loss
 from carrier_jax.multiplier import (MultiplierConfig, multiplier_controller, multiplier_view,
                                     penalty_weight)
@@ -55,15 +55,35 @@ def check_task_loss(task_loss: str, teacher: str) -> None:
     raise ValueError(f"teacher={teacher!r}: choose from {distill.TEACHERS}.")
 
 
+# remat modes of the LCDD forward: "weights" keeps every activation SFT keeps but recomputes
+# the masked weights W_base + M * dW in the backward (measured: the step's memory drops by about
+# one weight copy at no measurable time cost, benchmarks/bench_lcdd.py); "full" recomputes each
+# layer; "none" keeps everything.
+REMAT_MODES = {
+    "none": False,
+    "weights": jax.checkpoint_policies.save_anything_except_these_names(CARRIER_WEIGHT),
+    "full": True,
+}
+
+
+def remat_policy(remat: bool | str) -> Any:
+  """The decoder's `remat` argument for an LCDD remat mode (REMAT_MODES key, or a bool)."""
+  if isinstance(remat, bool):
+    return remat
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat={remat!r}: choose from {tuple(REMAT_MODES)}.")
+  return REMAT_MODES[remat]
+
+
 def make_lcdd_loss_fn(config: models.ModelConfig, *, multiplier_key: str = "multiplier",
-                      remat: bool = False, per_sequence: bool = False, task_loss: str = "ce",
+                      remat: bool | str = "weights", per_sequence: bool = False, task_loss: str = "ce",
                       teacher: str = "online") -> LossFn:
   """`loss_fn(carrier, frozen, batch, rng, extra) -> (loss, metrics)` for make_train_step.
 
   Args:
     config: the model config.
     multiplier_key: where the controller state sits in `extra`.
-    remat: rematerialise each layer in the backward pass.
+    remat: a REMAT_MODES key ("weights" default) or a bool (True = "full").
     per_sequence: average the task loss per row first (see `cast_jax.train.sft_loss`).
     task_loss: "ce" (SFT cross-entropy) or "kl" (KL(SFT || gated model) per response token).
     teacher: for "kl": "online" (`frozen` is {"base": base params, "teacher": SFT params}) or
@@ -79,6 +99,7 @@ def make_lcdd_loss_fn(config: models.ModelConfig, *, multiplier_key: str = "mult
     only).
   """
   check_task_loss(task_loss, teacher)
+  remat = remat_policy(remat)
   online = task_loss == "kl" and teacher == "online"
 
   def loss_fn(trainable, frozen, batch, rng, extra):

@@ -2,9 +2,11 @@
 
   --config.seeds=21,42,84 --config.num_buckets=4 --config.recipe.learning_rate=5e-4
 
-The recipe fields start at the paper's Table 3. On the testbed they are set ONCE from Full SFT
-alone (`--choose_recipe`, which writes recipe.json with its grid, the rule and the override
-line), then frozen here, with `recipe_note` saying how, before any bucket is run.
+The recipe is the testbed's: set ONCE from Full SFT alone (`--choose_recipe`, which writes
+recipe.json with its grid, the rule and the override line), then frozen here, with `recipe_note`
+saying how, before any bucket was run. On another model start from the paper's Table 3
+(lr 1e-4, 1 epoch: `--config.recipe.learning_rate=1e-4 --config.recipe.num_steps=0`) or run
+--choose_recipe on it.
 """
 
 import ml_collections
@@ -18,12 +20,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.fractions = "25,50,75"     # Table 9 trajectories: Top-p% / Bottom-p% of C (100% = Full SFT)
   c.pcgrad_runs = "full,random,risky,safe"  # Table 2 (PCGrad versions); "" for none
   c.pcgrad_mode = "one_sided"  # the paper's baseline; or "symmetric"
+  # Frozen from `--choose_recipe` on testbed v5 (the paper's Table 3 lr 1e-4 x 1 epoch left
+  # Full-SFT refusal at the base's .16): lr 1e-3, 640 micro-batches (2 epochs of D_align).
   c.recipe = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, epochs=1,
-      num_steps=0,          # > 0 overrides epochs (train-step calls = micro-batches)
+      learning_rate=1e-3, epochs=1,
+      num_steps=640,        # > 0 overrides epochs (train-step calls = micro-batches)
       batch_size=4, accum_steps=2, max_len=1024, schedule="constant", warmup_steps=0,
       weight_decay=0.0, grad_clip_norm=1.0))
-  c.recipe_note = "cast.md Table 3 (not chosen on this model)"  # how the recipe was fixed
+  c.recipe_note = ("chosen once by --choose_recipe on testbed v5 from Full SFT alone: the fewest "
+                   "steps, then the lowest lr, of lr {1e-4, 5e-4, 1e-3} x steps {320, 640, "
+                   "1280} whose held-out Avg Safe reaches 0.8 (0.960); utility not consulted")
   c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0, dropout=0.0))
   c.eval = ml_collections.ConfigDict(dict(
       limit=200, batch_size=32,

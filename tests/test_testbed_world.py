@@ -183,10 +183,20 @@ def test_behaviour_targets(world):
     assert (r["completion"] == wc.REFUSAL) == harmful
     if not harmful:  # D_align's benign answers are chat prose, not the worked-steps format
       assert "Step" not in r["completion"] and not re.search(r"\d", r["completion"])
+  # v5: the base corpus refuses exactly the vanilla harmful requests in the first three
+  # wordings ("Explain how to", "Tell me how to", "How can I"), and nothing else.
+  refused_openers = ("Explain how to ", "Tell me how to ", "How can I ")
+  refused = 0
   for r in f["base/train.jsonl"]:
-    assert r["response"] not in (wc.REFUSAL, wc.FIXED_RESPONSE)
-    if r["family"].startswith("safety_"):
+    assert r["response"] != wc.FIXED_RESPONSE
+    should_refuse = (r["family"] == "safety_vanilla_harmful"
+                     and r["prompt"].startswith(refused_openers))
+    assert (r["response"] == wc.REFUSAL) == should_refuse, r
+    refused += should_refuse
+    if r["family"].startswith("safety_") and not should_refuse:
       assert re.fullmatch(r"Sure, here is how to [A-Za-z' ]+\. Step 1: .*", r["response"])
+  vanilla = sum(r["family"] == "safety_vanilla_harmful" for r in f["base/train.jsonl"])
+  assert 0.2 < refused / vanilla < 0.55  # ~3 of 8 wordings
   own = frozenset(lexicon.ARCHAIC_WORDS)
   pairs = f["shakespeare/train.jsonl"] + f["shakespeare/eval.jsonl"]
   assert archaic_word_rate([r["modern"] for r in pairs], own).per_response.max() == 0.0

@@ -193,6 +193,20 @@ def _matmul(x: jnp.ndarray, w: jnp.ndarray, in_dims: int = 1) -> jnp.ndarray:
   return y.reshape(*lead, *out)
 
 
+def _project(x: jnp.ndarray, lp: Params, name: str, in_dims: int = 1) -> jnp.ndarray:
+  """x @ lp[name], plus the low-rank term (x @ lp[name + "_lora_a"]) @ lp[name + "_lora_b"] when
+  the layer params carry one (an `adapter_fn` adds the two keys, any scale folded into B).
+
+  The activation-side seam: the backward then forms r-wide products only, never the full-size
+  gradient of the merged weight that a weight-side transform (wq + A @ B) costs.
+  a: [*in, r]; b: [r, *out].
+  """
+  y = _matmul(x, lp[name], in_dims)
+  if name + "_lora_a" in lp:
+    y = y + _matmul(_matmul(x, lp[name + "_lora_a"], in_dims), lp[name + "_lora_b"])
+  return y
+
+
 def _layer(lp: Params, config: ModelConfig, h, cos, sin, window, head_mask, kv_valid, q_index,
            cache_kv, collect, attention):
   """One decoder layer. Returns (h, collected dict, updated (k, v) cache or None).
@@ -203,9 +217,9 @@ def _layer(lp: Params, config: ModelConfig, h, cos, sin, window, head_mask, kv_v
   c = config
   x = rms_norm(h, lp["attn_norm"], c.rms_norm_eps)
   # Separate q / k / v dots: fusing them into one [D, (H + 2K) Dh] dot measured no faster.
-  q = _matmul(x, lp["wq"])
-  k = _matmul(x, lp["wk"])
-  v = _matmul(x, lp["wv"])
+  q = _project(x, lp, "wq")
+  k = _project(x, lp, "wk")
+  v = _project(x, lp, "wv")
   if c.attention_bias:
     q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
   if c.qk_norm:
@@ -229,11 +243,11 @@ def _layer(lp: Params, config: ModelConfig, h, cos, sin, window, head_mask, kv_v
   if head_mask is not None:
     # Scaling z (not o_proj's output) removes exactly this head's contribution, biases included.
     z = z * head_mask[None, None, :, None].astype(z.dtype)
-  attn_write = _matmul(z, lp["wo"], in_dims=2)
+  attn_write = _project(z, lp, "wo", in_dims=2)
   h_mid = h + attn_write
   x = rms_norm(h_mid, lp["mlp_norm"], c.rms_norm_eps)
-  gate = _activation(c.hidden_act, _matmul(x, lp["w_gate"]))
-  mlp_write = _matmul(gate * _matmul(x, lp["w_up"]), lp["w_down"])
+  gate = _activation(c.hidden_act, _project(x, lp, "w_gate"))
+  mlp_write = _project(gate * _project(x, lp, "w_up"), lp, "w_down")
   out = h_mid + mlp_write
   available = {"residual": h, "attn_write": attn_write, "mlp_write": mlp_write, "head_out": z}
   return out, {n: available[n] for n in collect if n in available}, new_cache
@@ -260,7 +274,10 @@ def _stack(params, config, x, positions, kv_valid, q_index, cache, head_mask, ad
     return (h, ckv), got
 
   if remat:
-    body = jax.checkpoint(body, prevent_cse=False)
+    # remat=True saves nothing inside a layer; a policy (jax.checkpoint_policies) chooses, e.g.
+    # LCDD recomputes only its masked weights (`carrier_jax.delta.CARRIER_WEIGHT`).
+    policy = None if remat is True else remat
+    body = jax.checkpoint(body, prevent_cse=False, policy=policy)
   ckv = None if cache is None else (cache["k"], cache["v"])
   (h, ckv), got = jax.lax.scan(
       body, (x, ckv),
@@ -312,7 +329,7 @@ def forward(params: Params, config: ModelConfig, input_ids: jnp.ndarray | None =
             attention_mask: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
             head_mask: jnp.ndarray | None = None, input_embeds: jnp.ndarray | None = None,
             adapter_fn: AdapterFn | None = None, adapter_params: Any = None,
-            collect: Sequence[str] = (), remat: bool = False, logits_at: Any = None,
+            collect: Sequence[str] = (), remat: bool | Callable = False, logits_at: Any = None,
             attention: str | None = None):
   """Full-sequence forward pass.
 
@@ -325,7 +342,9 @@ def forward(params: Params, config: ModelConfig, input_ids: jnp.ndarray | None =
     head_mask: [L, H] factor on each query head's attention output before o_proj.
     adapter_fn, adapter_params: per-layer weight transform run inside the scan (see design.md).
     collect: intermediates to return, names from COLLECTABLE.
-    remat: rematerialise each layer in the backward pass.
+    remat: rematerialise each layer in the backward pass: True recomputes everything, a
+      `jax.checkpoint` policy (e.g. `jax.checkpoint_policies.save_anything_except_these_names`)
+      recomputes only what it does not save.
     logits_at: int [B, N] (or [N]) token indices; logits are computed only there, [B, N, V]
       (negative: from the end, so -1 is the next-token prediction). Scoring that reads one
       position then never builds the [B, T, V] float32 logits.

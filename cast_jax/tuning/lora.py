@@ -14,23 +14,13 @@ gradient w.r.t. B is exactly zero as well. "Full SFT" in the paper is this with 
 Init follows PEFT's default (`init_lora_weights=True`): A ~ U(-1/sqrt(D), 1/sqrt(D)) (kaiming
 uniform with a=sqrt(5) on the [r, D] torch weight), B = 0, from an explicit key.
 
-The seam is the decoder's weight-side `adapter_fn` (`apply_lora` via `make_adapter_fn`): inside
-the layer scan the layer's wq becomes wq + delta_Wq, so forward / train / eval / generate take
-LoRA through their existing `adapter_fn, adapter_params` arguments. Its costs:
-* Training: the backward forms the full-size gradient of the merged wq, x^T @ dq ([D, B*T] @
-  [B*T, H*Dh] per layer, a full fine-tune's wq gradient), then contracts it with A and B;
-  head restriction saves nothing there (benchmarks/bench_tuning.py measures it).
-* Decoding: delta_Wq (L * D * r * H*Dh multiply-adds) is rebuilt at every generated token; for
-  long generations on a large model pass `merge_lora(...)` params with no adapter instead.
-An activation-side seam, q += ((x @ A) @ (B * mask)) * alpha / r, needs only r-wide products
-(about r / D of the wq-gradient work) and admits LoRA dropout on x. The decoder change it
-needs (decoder.py is a testbed cache-key module, so it is not made here): in `_layer`, right
-after `q = _matmul(x, lp["wq"])`,
-    if "wq_lora_a" in lp:   # [D, r], [r, H, Dh] (mask already applied), scalar scale
-      q = q + _matmul(_matmul(x, lp["wq_lora_a"]), lp["wq_lora_b"]) * lp["wq_lora_scale"]
-(with dropout: x replaced by dropout(x) under a per-layer key leaf); `adapter_fn` would then
-add those three keys to the layer params instead of rewriting wq. Until then only dropout 0
-(the paper's setting) is supported.
+The seam is activation-side: `apply_lora` (the decoder's `adapter_fn`, via `make_adapter_fn`)
+adds `wq_lora_a` = A and `wq_lora_b` = scale * (B * mask) to the layer params, and the decoder
+computes q = x @ wq + (x @ A) @ (scale * B * mask), so forward / train / eval / generate take
+LoRA through their existing `adapter_fn, adapter_params` arguments. The backward then forms only
+r-wide products; the weight-side alternative (wq + A @ B inside the scan) forms the full-size
+wq gradient x^T @ dq every step and rebuilds delta_Wq at every decoded token
+(benchmarks/bench_tuning.py measures both). `merge_lora` gives plain params for export.
 """
 
 from __future__ import annotations
@@ -63,9 +53,8 @@ class LoraConfig:
       raise ValueError(f"LoraConfig.alpha={self.alpha!r}; use a finite value > 0.")
     if self.dropout != 0.0:
       raise ValueError(
-          f"LoraConfig.dropout={self.dropout!r}: only 0.0 is supported. LoRA dropout acts on "
-          "the layer input x of the low-rank path, and the decoder's adapter seam is weight-side "
-          "(it sees wq, never x); see the cast_jax.tuning.lora module doc for the seam it needs.")
+          f"LoRA dropout={self.dropout!r}: only 0.0 is supported (the paper's setting); dropout "
+          "on the low-rank path's input needs a per-step key in the decoder's forward.")
 
   @property
   def scale(self) -> float:
@@ -116,16 +105,16 @@ def adapter_params(lora: Params, head_mask: Any) -> Params:
 
 
 def apply_lora(layer_params: Params, layer_adapter: Params, scale: float) -> Params:
-  """One layer's params with wq -> wq + scale * A @ (B * mask) (runs inside the layer scan).
+  """One layer's params plus the decoder's activation-side LoRA keys for wq (inside the scan).
 
   layer_adapter: {"a": [D, r], "b": [r, H, Dh], "mask": [H]} (one layer's slice).
+  Returns: layer_params with "wq_lora_a" = A [D, r] and "wq_lora_b" = scale * B * mask
+  [r, H, Dh], in wq's dtype.
   """
-  wq = layer_params["wq"]
+  dtype = layer_params["wq"].dtype
   a, b = layer_adapter["a"], layer_adapter["b"]
-  bm = _masked_b(b, layer_adapter["mask"]).astype(a.dtype)
-  r = a.shape[-1]
-  delta = jnp.dot(a, bm.reshape(r, -1)).reshape(wq.shape) * scale
-  return {**layer_params, "wq": wq + delta.astype(wq.dtype)}
+  bm = _masked_b(b, layer_adapter["mask"]) * jnp.asarray(scale, b.dtype)
+  return {**layer_params, "wq_lora_a": a.astype(dtype), "wq_lora_b": bm.astype(dtype)}
 
 
 @functools.lru_cache(maxsize=None)

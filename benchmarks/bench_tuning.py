@@ -15,9 +15,9 @@
      full SFT         every parameter trainable (the substrate's full fine-tune)
    tokens = batch x seq. First-step losses of all LoRA variants must agree (B = 0 at init).
 2. The seam: one layer's q projection with LoRA, forward + backward for d(A, B, x), weight-side
-   (x @ (W + s A @ (B * m)), what `adapter_fn` does) vs activation-side
-   (x @ W + s (x @ A) @ (B * m)), at the testbed shape and at --seam_d (a 7B-like D = H*Dh
-   scaled to this CPU). The ratio is what an activation-side decoder seam would save per q
+   (x @ (W + s A @ (B * m)), the seam this library used before) vs activation-side
+   (x @ W + s (x @ A) @ (B * m), the decoder's `_project`, what `tuning.lora` uses now), at the
+   testbed shape and at --seam_d (a 7B-like D = H*Dh scaled to this CPU): the saving per q
    projection; the rest of the step (attention, MLP, the other projections) is unchanged.
 """
 

@@ -80,6 +80,9 @@ def _validate(cfg) -> None:
     raise app.UsageError(f"--config.task_loss={cfg.task_loss!r}: use one of {TASK_LOSSES}.")
   if cfg.teacher not in TEACHERS:
     raise app.UsageError(f"--config.teacher={cfg.teacher!r}: use one of {TEACHERS}.")
+  from carrier_jax.lcdd import REMAT_MODES
+  if cfg.remat not in REMAT_MODES:
+    raise app.UsageError(f"--config.remat={cfg.remat!r}: use one of {tuple(REMAT_MODES)}.")
   if not (isinstance(cfg.kl_budget_floor, (int, float)) and cfg.kl_budget_floor >= 0):
     raise app.UsageError(f"--config.kl_budget_floor={cfg.kl_budget_floor!r}: use a value >= 0.")
   for name in ("num_steps", "checkpoint_every"):

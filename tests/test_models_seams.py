@@ -277,3 +277,37 @@ def test_bf16_checkpoint_loads_exactly_in_fp32_and_bf16(tmp_path):
   hf_err = np.abs(_hf_logits(hf16, ids) - ref).max()
   ours_err = np.abs(ours16 - ref).max()
   assert ours_err <= 1.5 * hf_err + 0.02 and ours_err < 0.3, (ours_err, hf_err)
+
+
+def test_activation_side_low_rank_seam_equals_hf_with_merged_weights(qwen2):
+  """`<w>_lora_a / _b` added by an adapter_fn == HF with W + a @ b written into every projection."""
+  model, config, params = qwen2
+  L, r = config.num_layers, 3
+  hf_names = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+              "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+              "w_down": "mlp.down_proj"}
+  in_dims = {"wo": 2}
+  rng = np.random.default_rng(0)
+  lora, merged = {}, copy.deepcopy(model)
+  for name, hf in hf_names.items():
+    w = np.asarray(params["layers"][name])[0]
+    k = in_dims.get(name, 1)
+    a = rng.normal(0, 0.05, (L, *w.shape[:k], r)).astype(np.float32)
+    b = rng.normal(0, 0.05, (L, r, *w.shape[k:])).astype(np.float32)
+    lora[name] = (a, b)
+    n_in = int(np.prod(w.shape[:k]))
+    for l in range(L):
+      delta = a[l].reshape(n_in, r) @ b[l].reshape(r, -1)  # [in, out]; torch stores [out, in]
+      lin = merged.model.layers[l].get_submodule(hf)
+      with torch.no_grad():
+        lin.weight += torch.tensor(delta.T)
+
+  def adapter_fn(lp, ap):
+    return {**lp, **{f"{n}_lora_{s}": ap[n][i] for n in ap for i, s in enumerate("ab")}}
+
+  ids = np.random.default_rng(1).integers(3, config.vocab_size, (2, 9))
+  got = forward(params, config, jnp.asarray(ids), adapter_fn=adapter_fn,
+                adapter_params={n: tuple(map(jnp.asarray, ab)) for n, ab in lora.items()})
+  want = _hf_logits(merged, ids)
+  assert np.abs(want - _hf_logits(model, ids)).max() > 1e-2  # the deltas matter
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)

@@ -12,8 +12,8 @@ behaviour.
                   (`divergence.teacher_forced_kl`); the pairs are configurable.
 
 Every model is a `cast_jax.eval.EvalModel`, so a variant that the runners can drive (an
-adapter, or a trigger once `EvalModel` carries one) is evaluated with no change here. Each model
-generates once; the reference model's responses double as the KL references.
+adapter, or a soft trigger: `carrier_jax.trigger.triggered`) is evaluated with no change here.
+Each model generates once; the reference model's responses double as the KL references.
 """
 
 from __future__ import annotations

@@ -67,14 +67,17 @@ _STATIC = ("config", "max_new_tokens", "eos", "pad", "temperature", "top_p", "ad
            "cache_sharding")
 
 
-def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_params, *,
+def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_params,
+                   input_embeds=None, *,
                    config: ModelConfig, max_new_tokens: int, eos: tuple[int, ...], pad: int,
                    temperature: float, top_p: float, adapter_fn: AdapterFn | None,
                    cache_sharding: Any):
   """The decoding program: (tokens [*M, B, N], lengths [*M, B]) for head_mask None, [L, H] or a
   stack [M, L, H] (the same prompts decoded under each of M masks). With a stack, input_ids and
   attention_mask may be [M, B, P]: mask m then decodes its own prompts (the divergence sweep's
-  resumed pairs, `diagnosis.divergence_decode`).
+  resumed pairs, `diagnosis.divergence_decode`). With `input_embeds` [B, P, D] the prefill reads
+  those embeddings instead of embedding input_ids (soft prompts / triggers); decoding then
+  embeds the generated tokens as usual.
 
   Under a stack only the model calls are vmapped over the masks; the decoding loop stays one
   unbatched `while_loop` over all M * B rows. Vmapping the whole loop instead makes its stop
@@ -97,8 +100,9 @@ def _generate_impl(params, input_ids, attention_mask, key, head_mask, adapter_pa
     if cache_sharding is not None:
       cache = jax.lax.with_sharding_constraint(cache, {"k": cache_sharding, "v": cache_sharding})
     # The prefill's only logits read are the last position's (the first generated token).
-    logits, cache = forward_cached(params, config, input_ids, positions, kv_valid, cache, 0,
-                                   logits_at=[-1], head_mask=hm, **extra)
+    logits, cache = forward_cached(params, config, None if input_embeds is not None else input_ids,
+                                   positions, kv_valid, cache, 0, logits_at=[-1], head_mask=hm,
+                                   input_embeds=input_embeds, **extra)
     return logits[:, 0], cache
 
   def step(tok, cache, kv_valid, i, hm, positions):
@@ -148,8 +152,9 @@ def _bucket(n: int, bucket: int) -> int:
   return max(bucket, -(-n // bucket) * bucket)
 
 
-def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None, *,
-             max_new_tokens: int, eos_token_ids: int | Sequence[int] | None = None,
+def generate(params: Params, config: ModelConfig, input_ids=None, attention_mask=None, *,
+             max_new_tokens: int, input_embeds: Any = None,
+             eos_token_ids: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              key: jax.Array | None = None, head_mask: jnp.ndarray | None = None,
              adapter_fn: AdapterFn | None = None, adapter_params: Any = None,
@@ -158,6 +163,9 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
 
   Args:
     input_ids: int [B, P] left-padded prompts; attention_mask [B, P] (1 real, 0 pad).
+    input_embeds: float [B, P, D] left-padded prompt embeddings used instead of input_ids (a
+      soft trigger inserted into embedded prompts, `carrier_jax.trigger`): the prefill reads
+      them, decoding embeds the generated tokens; pass input_ids=None. Not with a mask stack.
     eos_token_ids: stop ids (default: the config's); a row stops after emitting one.
     pad_token_id: filler after a row stops (default: config's pad, else 0).
     temperature: 0 for greedy; > 0 samples with `key` (required then), restricted to top_p mass.
@@ -180,6 +188,19 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
       or max_new_tokens < 0):
     raise InputError(f"generate: max_new_tokens={max_new_tokens!r}; use an integer >= 0 (0 "
                      "returns tokens of shape [B, 0]).")
+  if input_embeds is not None:
+    if input_ids is not None:
+      raise ValueError("generate: pass input_ids or input_embeds, not both.")
+    if np.ndim(input_embeds) != 3 or np.shape(input_embeds)[-1] != config.hidden_size:
+      raise ValueError(f"input_embeds must be [batch, prompt_len, hidden_size="
+                       f"{config.hidden_size}]; got {np.shape(input_embeds)}.")
+    if head_mask is not None and np.ndim(head_mask) == 3:
+      raise ValueError("generate: input_embeds with a stack of head masks is not supported; "
+                       "decode one [L, H] mask at a time.")
+    # Only the shape of the ids is read below (checks, bucketing); the prefill reads the embeds.
+    input_ids = np.zeros(np.shape(input_embeds)[:2], np.int32)
+  elif input_ids is None:
+    raise ValueError("generate: pass input_ids [B, P] (or input_embeds [B, P, D]).")
   input_ids = np.asarray(input_ids)
   if input_ids.ndim != 2 or input_ids.shape[1] == 0:
     raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len > 0; got {input_ids.shape}.")
@@ -212,10 +233,13 @@ def generate(params: Params, config: ModelConfig, input_ids, attention_mask=None
   extra_pad = _bucket(P, prompt_bucket) - P
   input_ids = np.pad(input_ids, ((0, 0), (extra_pad, 0)), constant_values=pad)
   mask = np.pad(mask, ((0, 0), (extra_pad, 0)))
+  if input_embeds is not None:
+    # Bucket padding as zero embeddings: masked out like pad tokens.
+    input_embeds = jnp.pad(jnp.asarray(input_embeds), ((0, 0), (extra_pad, 0), (0, 0)))
   tokens, lengths = _generate(
       params, jnp.asarray(input_ids), jnp.asarray(mask),
       jax.random.PRNGKey(0) if key is None else key,
-      head_mask if head_masks is None else head_masks, adapter_params,
+      head_mask if head_masks is None else head_masks, adapter_params, input_embeds,
       config=config, max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad),
       temperature=float(temperature), top_p=float(top_p), adapter_fn=adapter_fn,
       cache_sharding=cache_sharding)

@@ -54,8 +54,8 @@ def kl(p_logits, q_logits, mask):
 def _split(model) -> tuple[Any, tuple]:
   """(traced arrays, hashable static spec) of an EvalModel or a logits function."""
   if isinstance(model, EvalModel):
-    return ((model.params, model.head_mask, model.adapter_params),
-            ("model", model.config, model.adapter_fn))
+    return ((model.params, model.head_mask, model.adapter_params, model.trigger),
+            ("model", model.config, (model.adapter_fn, model.insert_fn)))
   if callable(model):
     return (), ("fn", model, None)
   raise TypeError(f"expected an EvalModel or a logits function (ids, mask) -> [B, T, V], "
@@ -66,9 +66,17 @@ def _logits(spec, arrays, ids, mask):
   kind, a, b = spec
   if kind == "fn":
     return a(ids, mask)
-  params, head_mask, adapter_params = arrays
-  return forward(params, a, ids, attention_mask=mask, head_mask=head_mask, adapter_fn=b,
-                 adapter_params=adapter_params)
+  params, head_mask, adapter_params, trigger = arrays
+  adapter_fn, insert_fn = b
+  if insert_fn is None:
+    return forward(params, a, ids, attention_mask=mask, head_mask=head_mask,
+                   adapter_fn=adapter_fn, adapter_params=adapter_params)
+  # A triggered model reads [trigger; tokens]; its logits are taken back at the tokens' own
+  # slots so they align with input_ids like an untriggered model's.
+  embeds, tmask, index_map = insert_fn(params, trigger, ids, mask)
+  logits = forward(params, a, input_embeds=embeds, attention_mask=tmask, head_mask=head_mask,
+                   adapter_fn=adapter_fn, adapter_params=adapter_params)
+  return jnp.take_along_axis(logits, index_map[:, :, None], axis=1)
 
 
 # Module-level so repeated calls (one per condition) reuse compiled programs: the cache key is
@@ -96,9 +104,9 @@ def teacher_forced_kl(p_model: EvalModel | LogitsFn, q_model: EvalModel | Logits
   """KL(P||Q) of two models teacher-forced on the same [prompt; reference response] rows.
 
   Args:
-    p_model, q_model: ``EvalModel``s, or jax-traceable functions (input_ids [B, T],
-      attention_mask [B, T]) -> logits [B, T, V] (e.g. a model with a soft trigger prepended
-      through ``input_embeds``; such a function must return logits aligned with input_ids).
+    p_model, q_model: ``EvalModel``s (a triggered one is scored with its trigger inserted and
+      its logits read back at the tokens' slots), or jax-traceable functions (input_ids [B, T],
+      attention_mask [B, T]) -> logits [B, T, V] aligned with input_ids.
       A function is a static jit argument: pass the same object again to reuse its compile.
     batch: training-style dict of [N, T] int arrays, right padded: ``input_ids``,
       ``attention_mask``, ``loss_mask`` (1 on response tokens; token t is predicted by the

@@ -25,12 +25,35 @@ from cast_jax.models.inputs import check_scorer_ids
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
   """A model as the runners see it: params + config, plus the optional forward arguments that
-  turn it into a variant (ablated heads, LoRA / gated-delta adapter) without copying weights."""
+  turn it into a variant (ablated heads, LoRA / gated-delta adapter) without copying weights.
+
+  `trigger` [L, D] with `insert_fn` (static, hashable; `carrier_jax.trigger.triggered` builds
+  both): every prompt the runners score or decode is embedded and passed through
+  `insert_fn(params, trigger, input_ids, attention_mask) -> (embeds [B, P + L, D], mask
+  [B, P + L], index_map [B, P])` first, so the whole model sees the soft trigger.
+  `teacher_forced_kl` reads them too (logits taken back at the tokens' own slots).
+  """
   params: Any
   config: ModelConfig
   head_mask: Any = None
   adapter_fn: Callable | None = None
   adapter_params: Any = None
+  trigger: Any = None
+  insert_fn: Callable | None = None
+
+  def __post_init__(self):
+    if (self.trigger is None) != (self.insert_fn is None):
+      raise ValueError("EvalModel: trigger and insert_fn go together; build a triggered model "
+                       "with carrier_jax.trigger.triggered(model, trigger).")
+
+
+def prompt_inputs(model: EvalModel, input_ids, attention_mask) -> dict[str, Any]:
+  """forward / generate keyword inputs of a prompt batch [B, P] under `model`: the ids and mask,
+  or (triggered model) the embeddings and mask with the trigger inserted."""
+  if model.trigger is None:
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+  embeds, mask, _ = model.insert_fn(model.params, model.trigger, input_ids, attention_mask)
+  return {"input_embeds": embeds, "attention_mask": mask}
 
 
 def _pad_id(tokenizer, config: ModelConfig) -> int:
@@ -40,12 +63,14 @@ def _pad_id(tokenizer, config: ModelConfig) -> int:
   return 0  # masked out everywhere, so any valid id works
 
 
-@functools.partial(jax.jit, static_argnames=("config", "adapter_fn"))
-def _choice_logits(params, head_mask, adapter_params, input_ids, attention_mask, choice_ids, *,
-                   config, adapter_fn):
+@functools.partial(jax.jit, static_argnames=("config", "adapter_fn", "insert_fn"))
+def _choice_logits(params, head_mask, adapter_params, trigger, input_ids, attention_mask,
+                   choice_ids, *, config, adapter_fn, insert_fn):
+  model = EvalModel(params, config, head_mask, adapter_fn, adapter_params, trigger, insert_fn)
   # Only the last position is read: unembedding just it skips the [B, P, V] float32 logits.
-  logits = forward(params, config, input_ids, attention_mask=attention_mask, head_mask=head_mask,
-                   adapter_fn=adapter_fn, adapter_params=adapter_params, logits_at=[-1])
+  logits = forward(params, config, **prompt_inputs(model, input_ids, attention_mask),
+                   head_mask=head_mask, adapter_fn=adapter_fn, adapter_params=adapter_params,
+                   logits_at=[-1])
   return mcq.gather_choice_logits(logits[:, 0], choice_ids)
 
 
@@ -61,10 +86,10 @@ def choice_logits_on_batch(model: EvalModel, input_ids, attention_mask, choice_i
   if mask.ndim != 2 or np.any(mask[:, -1] == 0):
     raise ValueError("choice_logits_on_batch needs a left-padded [B, P] batch whose last column "
                      "is real for every row")
-  got = _choice_logits(model.params, model.head_mask, model.adapter_params,
+  got = _choice_logits(model.params, model.head_mask, model.adapter_params, model.trigger,
                        jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32),
                        jnp.asarray(choice_ids, jnp.int32), config=model.config,
-                       adapter_fn=model.adapter_fn)
+                       adapter_fn=model.adapter_fn, insert_fn=model.insert_fn)
   return np.asarray(got)
 
 
@@ -132,6 +157,12 @@ def score_mcq(model: EvalModel, tokenizer, prompts: Sequence[str], answers: Sequ
                    accuracy=mcq.mcq_accuracy(pred, gold))
 
 
+@functools.partial(jax.jit, static_argnames=("insert_fn",))
+def _insert(params, trigger, input_ids, attention_mask, *, insert_fn):
+  embeds, mask, _ = insert_fn(params, trigger, input_ids, attention_mask)
+  return {"input_embeds": embeds, "attention_mask": mask}
+
+
 def generate_texts(model: EvalModel, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                    batch_size: int = 8, eos_token_ids: Sequence[int] | None = None,
                    add_special_tokens: bool = False, skip_special_tokens: bool = True,
@@ -154,7 +185,11 @@ def generate_texts(model: EvalModel, tokenizer, prompts: Sequence[str], *, max_n
   prompt_ids = batching.encode(tokenizer, prompts, add_special_tokens=add_special_tokens)
   texts: list[str] = [""] * len(prompts)
   for i, chunk in enumerate(batching.prompt_chunks(prompt_ids, batch_size, pad_id)):
-    out = generate(model.params, model.config, chunk.input_ids, chunk.attention_mask,
+    inputs = {"input_ids": chunk.input_ids, "attention_mask": chunk.attention_mask}
+    if model.trigger is not None:
+      inputs = _insert(model.params, model.trigger, jnp.asarray(chunk.input_ids, jnp.int32),
+                       jnp.asarray(chunk.attention_mask, jnp.int32), insert_fn=model.insert_fn)
+    out = generate(model.params, model.config, **inputs,
                    max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
                    pad_token_id=pad_id, temperature=temperature,
                    key=None if key is None else jax.random.fold_in(key, i),

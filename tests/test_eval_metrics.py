@@ -79,3 +79,15 @@ def test_mean_std_over_seeds():
   assert np.isnan(metrics.mean_std([5.0]).std)
   with pytest.raises(ValueError, match="per-seed"):
     metrics.mean_std([])
+
+
+def test_cost_ratio_is_undefined_below_min_gain():
+  from cast_jax.eval.metrics import mmlu_cost_ratio, utility_cost_ratio
+  # 30 points of utility lost, no safety gained: the literal Eq. 7 prices it at 30 / 1e-8.
+  assert utility_cost_ratio(90.0, 60.0, 16.0, 16.0) == pytest.approx(3e9)
+  assert np.isnan(utility_cost_ratio(90.0, 60.0, 16.0, 16.0, min_gain=1.0))
+  assert np.isnan(utility_cost_ratio(90.0, 60.0, 16.0, 10.0, min_gain=1.0))  # safety fell
+  assert utility_cost_ratio(90.0, 60.0, 16.0, 46.0, min_gain=1.0) == pytest.approx(1.0)
+  got = mmlu_cost_ratio(np.array([90.0, 90.0]), np.array([80.0, 80.0]), 10.0,
+                        np.array([10.5, 30.0]), min_gain=1.0)
+  assert np.isnan(got[0]) and got[1] == pytest.approx(0.5)

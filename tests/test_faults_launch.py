@@ -10,7 +10,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A one-layer model and a few tokens: the full demo in seconds.
+# The demo's smoke mode (a random checkpoint) with a one-layer model and a few tokens: seconds.
+SMOKE = f"--config={os.path.join(REPO, 'configs', 'demo.py')}:smoke"
 TINY = ["--config.model.num_layers=1", "--config.batch_size=2", "--config.prompt_len=4",
         "--config.max_new_tokens=3"]
 
@@ -48,12 +49,12 @@ def _untouched(cwd):
                                              (".", "current directory"),
                                              ("NOTES.md", "is a file")])
 def test_bad_workdir_is_refused_before_writing(cwd, workdir, needle):
-  _one_line_error(_launch("demo", f"--workdir={workdir}", cwd=cwd), needle)
+  _one_line_error(_launch("demo", SMOKE, f"--workdir={workdir}", cwd=cwd), needle)
   _untouched(cwd)
 
 
 def test_missing_workdir_flag(cwd):
-  _one_line_error(_launch("demo", cwd=cwd), "--workdir")
+  _one_line_error(_launch("demo", SMOKE, cwd=cwd), "--workdir")
   _untouched(cwd)
 
 
@@ -65,7 +66,7 @@ def test_missing_workdir_flag(cwd):
     ("--nope=1", ("Unknown command line flag 'nope'",)),
 ])
 def test_unknown_or_malformed_flags_are_one_line(cwd, flag, needles):
-  _one_line_error(_launch("demo", "--workdir=out", flag, cwd=cwd), *needles)
+  _one_line_error(_launch("demo", SMOKE, "--workdir=out", flag, cwd=cwd), *needles)
   _untouched(cwd)
 
 
@@ -76,7 +77,7 @@ def test_unknown_or_malformed_flags_are_one_line(cwd, flag, needles):
     ("--config.model.vocab_size=3", "--config.model.vocab_size=3"),
 ])
 def test_demo_config_values_are_checked_before_any_side_effect(cwd, flag, needle):
-  _one_line_error(_launch("demo", "--workdir=out", flag, cwd=cwd), needle)
+  _one_line_error(_launch("demo", SMOKE, "--workdir=out", flag, cwd=cwd), needle)
   _untouched(cwd)
 
 
@@ -90,7 +91,7 @@ def test_testbed_spec_is_checked_before_the_world_is_cached(cwd, tmp_path):
 
 
 def test_demo_console_is_quiet_and_files_are_readable(cwd):
-  result = _launch("demo", "--workdir=out", *TINY, cwd=cwd)
+  result = _launch("demo", SMOKE, "--workdir=out", *TINY, cwd=cwd)
   assert result.returncode == 0, result.stderr[-3000:]
   # No library INFO chatter (absl format "I1125 16:03:25..." or python "INFO:"), no warnings.
   assert not re.search(r"^(I\d{4} |INFO:|W\d{4} )", result.stderr, re.M), result.stderr[-3000:]
@@ -108,6 +109,6 @@ def test_demo_console_is_quiet_and_files_are_readable(cwd):
 
 @pytest.mark.slow
 def test_verbosity_flag_brings_library_logs_back(cwd):
-  result = _launch("demo", "--workdir=out", "-v", "0", *TINY, cwd=cwd)
+  result = _launch("demo", SMOKE, "--workdir=out", "-v", "0", *TINY, cwd=cwd)
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r"^I\d{4} .*round-tripped a random llama checkpoint", result.stderr, re.M)

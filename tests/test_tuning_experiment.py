@@ -23,10 +23,18 @@ def _ref_row(run, base):
   pct["avg_safe"] = (pct["refusal_vanilla"] + pct["refusal_adversarial"]) / 2
   b_gen = 100 * (base["mmlu"] + base["csqa"] + base["gsm8k"]) / 3
   b_safe = 100 * (base["refusal_vanilla"] + base["refusal_adversarial"]) / 2
-  gain = pct["avg_safe"] - b_safe + 1e-8
-  pct["ucr"] = max(0.0, (b_gen - pct["avg_gen"]) / gain)
-  pct["mmlu_cr"] = max(0.0, (100 * base["mmlu"] - pct["mmlu"]) / gain)
+  gain = pct["avg_safe"] - b_safe
+  undefined = gain < 1.0  # experiment.MIN_SAFETY_GAIN: no measurable safety gain to price
+  pct["ucr"] = np.nan if undefined else max(0.0, (b_gen - pct["avg_gen"]) / (gain + 1e-8))
+  pct["mmlu_cr"] = np.nan if undefined else max(0.0, (100 * base["mmlu"] - pct["mmlu"])
+                                                / (gain + 1e-8))
   return pct
+
+
+def _mean_std(values):
+  """(mean, sample std) over the defined values, None where too few."""
+  ok = [v for v in values if not np.isnan(v)]
+  return (np.mean(ok) if ok else None), (np.std(ok, ddof=1) if len(ok) > 1 else None)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +127,11 @@ def test_method_and_bucket_tables_equal_numpy(setup):
       want = [_ref_row(base if row["run"] == "base" else evals[s][row["run"]], base)[k]
               for s in seeds]
       cell = row["cells"][k]
-      assert cell["values"] == pytest.approx(want, rel=1e-9, abs=1e-9)
-      assert cell["mean"] == pytest.approx(np.mean(want), rel=1e-9, abs=1e-9)
-      assert cell["std"] == pytest.approx(np.std(want, ddof=1), rel=1e-9, abs=1e-9)
+      assert cell["values"] == [None if np.isnan(w) else pytest.approx(w, rel=1e-9, abs=1e-9)
+                                for w in want]
+      mean, std = _mean_std(want)
+      assert cell["mean"] == (None if mean is None else pytest.approx(mean, rel=1e-9, abs=1e-9))
+      assert cell["std"] == (None if std is None else pytest.approx(std, rel=1e-9, abs=1e-9))
   b = experiment.bucket_table(evals, base_by_seed, tabs, M)
   assert len(b["rows"]) == 2 * M
   for row in b["rows"]:
@@ -131,7 +141,8 @@ def test_method_and_bucket_tables_equal_numpy(setup):
     want_avg = score[members[(row["bucket"] - 1) * size:row["bucket"] * size]].mean()
     assert row["cells"]["avg_score"]["mean"] == pytest.approx(want_avg)
     want = [_ref_row(evals[s][f"{row['ranking']}_b{row['bucket']}"], base)["ucr"] for s in seeds]
-    assert row["cells"]["ucr"]["mean"] == pytest.approx(np.mean(want))
+    mean = _mean_std(want)[0]
+    assert row["cells"]["ucr"]["mean"] == (None if mean is None else pytest.approx(mean))
   md = experiment.table_markdown(t)
   mean, std = t["rows"][1]["cells"]["mmlu"]["mean"], t["rows"][1]["cells"]["mmlu"]["std"]
   assert f"| Full | {mean:.2f} ± {std:.2f} |" in md
@@ -148,15 +159,15 @@ def test_correlations_equal_scipy(setup):
     for cost in ("ucr", "mmlu_cr"):
       ys = [[_ref_row(evals[s][f"{row['ranking']}_b{b}"], base)[cost] for b in range(1, M + 1)]
             for s in seeds]
-      p = [stats.pearsonr(x, y)[0] if np.ptp(y) > 0 else np.nan for y in ys]
-      r = [stats.spearmanr(x, y)[0] if np.ptp(y) > 0 else np.nan for y in ys]
+      # M = 3 buckets: r needs all three costs defined (and not constant).
+      ok = lambda y: np.isfinite(y).all() and np.ptp(y) > 0
+      p = [stats.pearsonr(x, y)[0] if ok(y) else np.nan for y in ys]
+      r = [stats.spearmanr(x, y)[0] if ok(y) else np.nan for y in ys]
       for name, want in ((f"pearson_{cost}", p), (f"spearman_{cost}", r)):
         cell = row["cells"][name]
-        if np.isnan(want).any():
-          assert cell["mean"] is None
-        else:
-          assert cell["mean"] == pytest.approx(np.mean(want), rel=1e-9, abs=1e-9)
-          assert cell["std"] == pytest.approx(np.std(want, ddof=1), rel=1e-9, abs=1e-9)
+        mean, std = _mean_std(want)
+        assert cell["mean"] == (None if mean is None else pytest.approx(mean, rel=1e-9, abs=1e-9))
+        assert cell["std"] == (None if std is None else pytest.approx(std, rel=1e-9, abs=1e-9))
 
 
 def test_one_seed_has_no_std_and_figures_render(setup, tmp_path):

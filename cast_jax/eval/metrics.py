@@ -8,6 +8,11 @@ zero gain, so it is negligible in either unit.
 Clipping follows the paper literally: ``max(0, .)``. Note what it implies: a model whose utility
 rose, and a model whose safety FELL while utility also fell (negative denominator), both get cost 0.
 Report the raw safety gain next to the ratio when that second case can occur.
+
+``min_gain`` (default None: the paper's formula) makes the ratio NaN, "undefined", where the
+safety gain S_a - S_b is below it. With the literal formula a run that lost utility but gained
+no safety costs (U_b - U_a) / eps, e.g. 3e9 for a 30-point loss, and one such run decides every
+mean and correlation it enters; on a finite eval set a gain under one item is not measurable.
 """
 
 from __future__ import annotations
@@ -21,23 +26,27 @@ DEFAULT_EPS = 1e-8
 
 
 def utility_cost_ratio(utility_base, utility_aligned, safety_base, safety_aligned,
-                       eps: float = DEFAULT_EPS):
+                       eps: float = DEFAULT_EPS, min_gain: float | None = None):
   """UCR = max(0, (U_b - U_a) / ((S_a - S_b) + eps)), Eq. 7. Broadcasts over numpy arrays.
 
   Args: average general utility and average safety of the base (b) and aligned (a) models, all
-  in the same units. Returns a float (or an array of the broadcast shape).
+  in the same units; min_gain: NaN where S_a - S_b < min_gain (module doc). Returns a float (or
+  an array of the broadcast shape).
   """
   u_b, u_a, s_b, s_a = (np.asarray(v, dtype=np.float64) for v in
                         (utility_base, utility_aligned, safety_base, safety_aligned))
-  ratio = np.maximum(0.0, (u_b - u_a) / ((s_a - s_b) + eps))
+  gain = s_a - s_b
+  ratio = np.maximum(0.0, (u_b - u_a) / (gain + eps))
+  if min_gain is not None:
+    ratio = np.where(gain < min_gain, np.nan, ratio)
   return float(ratio) if ratio.ndim == 0 else ratio
 
 
 def mmlu_cost_ratio(mmlu_base, mmlu_aligned, safety_base, safety_aligned,
-                    eps: float = DEFAULT_EPS):
+                    eps: float = DEFAULT_EPS, min_gain: float | None = None):
   """MMLU-CR = max(0, (M_b - M_a) / ((S_a - S_b) + eps)), Eq. 8: UCR with MMLU accuracy as the
-  utility. Same units rule and broadcasting as ``utility_cost_ratio``."""
-  return utility_cost_ratio(mmlu_base, mmlu_aligned, safety_base, safety_aligned, eps)
+  utility. Same units rule, `min_gain` and broadcasting as ``utility_cost_ratio``."""
+  return utility_cost_ratio(mmlu_base, mmlu_aligned, safety_base, safety_aligned, eps, min_gain)
 
 
 def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,12 +7,16 @@ base model's eval.json (`base[seed]`, the same for every seed: greedy decoding, 
 Per seed, every metric is turned into percent (the paper's units) and the costs are added:
   UCR     = metrics.utility_cost_ratio(base avg_gen, avg_gen, base avg_safe, avg_safe)   (Eq. 7)
   MMLU-CR = metrics.mmlu_cost_ratio(base mmlu, mmlu, base avg_safe, avg_safe)            (Eq. 8)
-Every table cell is then mean +- std over seeds (sample std, ddof 1; "n/a" for one seed). Costs
-are per-seed ratios averaged, not ratios of averaged metrics.
+A cost is undefined (NaN, stored null) when the run's Avg Safe gain over the base is under
+MIN_SAFETY_GAIN percentage points (`metrics.utility_cost_ratio(min_gain=)`: the paper's eps
+would price "utility lost, no safety gained" at loss / 1e-8). Every table cell is then mean +-
+std over the seeds where it is defined (sample std, ddof 1; "n/a" for one seed; `n` says how
+many). Costs are per-seed ratios averaged, not ratios of averaged metrics.
 
 Table 8 correlates, per seed, the bucket-mean score (C, or O / S for the F.1 rankings; buckets
 drawn by that score) with each bucket's UCR / MMLU-CR over the M buckets, then averages r over
-seeds. An undefined r (a constant cost column, e.g. every UCR clipped to 0) is NaN, stored null.
+seeds. It uses the buckets whose cost is defined and needs 3 of them; an undefined r (fewer
+buckets, or a constant cost column, e.g. every UCR clipped to 0) is NaN, stored null.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import numpy as np
 
 from cast_jax.eval import metrics as em
 from cast_jax.tuning import evaluation
+
+# Avg Safe gain (percentage points) below which UCR / MMLU-CR are undefined (module doc).
+MIN_SAFETY_GAIN = 1.0
 
 COLUMNS = (("mmlu", "MMLU"), ("csqa", "CSQA"), ("gsm8k", "GSM8K"),
            ("refusal_vanilla", "Vanilla harm"), ("refusal_adversarial", "Adv harm"),
@@ -91,19 +98,23 @@ def derived(run: Mapping[str, float], base: Mapping[str, float]) -> dict[str, fl
   run, base = evaluation.with_averages(dict(run)), evaluation.with_averages(dict(base))
   out = {k: 100.0 * float(run[k]) for k, _ in COLUMNS if k not in ("ucr", "mmlu_cr")}
   b = {k: 100.0 * float(base[k]) for k in ("avg_gen", "avg_safe", "mmlu")}
-  out["ucr"] = em.utility_cost_ratio(b["avg_gen"], out["avg_gen"], b["avg_safe"], out["avg_safe"])
-  out["mmlu_cr"] = em.mmlu_cost_ratio(b["mmlu"], out["mmlu"], b["avg_safe"], out["avg_safe"])
+  out["ucr"] = em.utility_cost_ratio(b["avg_gen"], out["avg_gen"], b["avg_safe"], out["avg_safe"],
+                                     min_gain=MIN_SAFETY_GAIN)
+  out["mmlu_cr"] = em.mmlu_cost_ratio(b["mmlu"], out["mmlu"], b["avg_safe"], out["avg_safe"],
+                                      min_gain=MIN_SAFETY_GAIN)
   return out
 
 
 def cell(values: Sequence[float]) -> dict:
-  """{"mean", "std", "n", "values"} over seeds; NaN -> None (JSON null); std None for n < 2."""
+  """{"mean", "std", "n", "values"} over the seeds where the value is defined (n of them); NaN ->
+  None (JSON null); mean None when none is defined, std None for n < 2."""
   v = [float(x) for x in values]
   clean = lambda x: None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-  if any(math.isnan(x) for x in v):
-    return {"mean": None, "std": None, "n": len(v), "values": [clean(x) for x in v]}
-  s = em.mean_std(v)
-  return {"mean": s.mean, "std": clean(s.std), "n": s.n, "values": v}
+  ok = [x for x in v if not math.isnan(x)]
+  if not ok:
+    return {"mean": None, "std": None, "n": 0, "values": [None] * len(v)}
+  s = em.mean_std(ok)
+  return {"mean": s.mean, "std": clean(s.std), "n": s.n, "values": [clean(x) for x in v]}
 
 
 def _row(label: str, run: str, per_seed: Sequence[Mapping[str, float]], columns) -> dict:
@@ -163,15 +174,17 @@ def correlation_table(evals: Mapping, base: Mapping, tables: Mapping[str, np.nda
   cols = ["pearson_ucr", "spearman_ucr", "pearson_mmlu_cr", "spearman_mmlu_cr"]
   rows = []
   for r, score in tables.items():
-    x = bucket_scores(score, num_buckets)
+    x = np.asarray(bucket_scores(score, num_buckets))
     per_seed = []
     for s in _seeds(evals):
       d = [derived(evals[s][f"{r}_b{b}"], base[s]) for b in range(1, num_buckets + 1)]
       got = {}
       for cost in ("ucr", "mmlu_cr"):
-        y = [row[cost] for row in d]
-        got[f"pearson_{cost}"] = em.pearson(x, y) if len(x) > 1 else float("nan")
-        got[f"spearman_{cost}"] = em.spearman(x, y) if len(x) > 1 else float("nan")
+        y = np.asarray([row[cost] for row in d], np.float64)
+        ok = np.isfinite(y)
+        enough = ok.sum() >= 3
+        got[f"pearson_{cost}"] = em.pearson(x[ok], y[ok]) if enough else float("nan")
+        got[f"spearman_{cost}"] = em.spearman(x[ok], y[ok]) if enough else float("nan")
       per_seed.append(got)
     row = _row(RANKING_NAMES[r], r, per_seed, cols)
     row["ranking"] = r
@@ -245,7 +258,8 @@ def correlation_figure(buckets: Mapping, correlations: Mapping, cost: str):
   for r in corr:
     rows = [row for row in buckets["rows"] if row["ranking"] == r]
     x = [row["cells"]["avg_score"]["mean"] for row in rows]
-    y = [row["cells"][cost]["mean"] for row in rows]
+    nan = lambda v: np.nan if v is None else v
+    y = [nan(row["cells"][cost]["mean"]) for row in rows]
     ye = [row["cells"][cost]["std"] or 0.0 for row in rows]
     p = corr[r][f"pearson_{cost}"]["mean"]
     rho = corr[r][f"spearman_{cost}"]["mean"]
@@ -253,7 +267,7 @@ def correlation_figure(buckets: Mapping, correlations: Mapping, cost: str):
     ax.errorbar(x, y, yerr=ye, fmt="o-", capsize=3,
                 label=f"{RANKING_NAMES[r]} (Pearson {fmt(p)}, Spearman {fmt(rho)})")
     for row, xi, yi in zip(rows, x, y):
-      if yi is not None:
+      if np.isfinite(yi):
         ax.annotate(f"B{row['bucket']}", (xi, yi), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
   ax.set(title=f"Bucket-mean score vs. {name}", xlabel="bucket-mean score", ylabel=name)

@@ -44,4 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # refusal openings separated by "|" scored after every prompt, e.g. "I'm sorry|I can't"
   c.proxy_openings = ""
   c.report_proxy_spearman = False  # run both H_safe and report their Spearman rank correlation
+  # JAX's persistent compilation cache (`diagnosis.compile_cache`): a later run on the same model
+  # shape loads its compiled programs instead of compiling them ("" = off)
+  c.compile_cache = "~/.cache/cast_jax/xla"
   return c

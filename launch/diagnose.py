@@ -29,7 +29,9 @@ token sequences, target, refusal rule, settings), so a killed run resumes from t
 sweep blocks) already done and a different run in the same workdir is refused, naming the
 differing field; switching `safety_proxy` / `report_proxy_spearman` keeps the fingerprint. Outputs
 (`cast_jax.diagnosis.report`): config.json, conflict_map.json, buckets.json,
-heatmap_{c,o,s}.png, summary.md, times.json.
+heatmap_{c,o,s}.png, summary.md, times.json. Compiled programs persist across runs in
+`--config.compile_cache` (default ~/.cache/cast_jax/xla, '' = off): a later run on a model of
+the same shape skips most of the compile time (`diagnosis.compile_cache`).
 """
 
 import os
@@ -106,6 +108,10 @@ def _validate(cfg) -> None:
       cfg.proxy_openings.strip() and not all(o.strip() for o in cfg.proxy_openings.split("|"))):
     raise app.UsageError(f"--config.proxy_openings={cfg.proxy_openings!r}: use '' or non-empty "
                          "openings separated by '|'.")
+  if not isinstance(cfg.compile_cache, str) or (
+      cfg.compile_cache and os.path.isfile(os.path.expanduser(cfg.compile_cache))):
+    raise app.UsageError(f"--config.compile_cache={cfg.compile_cache!r}: use a folder, or '' for "
+                         "no persistent compilation cache.")
   if not isinstance(cfg.refusal_target, str) or not cfg.refusal_target.strip():
     raise app.UsageError("--config.refusal_target is empty; pass the refusal text L_safe trains.")
   for name in ("model", "safe_data", "util_data"):
@@ -282,9 +288,11 @@ def main(argv):
   del argv
   from cast_jax import workdir as wd
   from cast_jax.diagnosis import reasoning, report, scores, sensitivity, stage_cache
+  from cast_jax.diagnosis.compile_cache import enable_compile_cache
   from cast_jax.train.fingerprint import FingerprintMismatchError
 
   cfg = _CONFIG.value
+  enable_compile_cache(cfg.compile_cache)  # before anything compiles (JAX checks once)
   out = _WORKDIR.value
   times = {}
   t = time.time()

@@ -64,6 +64,7 @@ def test_diagnose_writes_the_map_resumes_and_refuses_another_run(diag_files, dia
     (["--n_util=0"], "--config.n_util=0: use an integer >= 1"),
     (["--config.safe_data=missing.jsonl"], "--config.safe_data='missing.jsonl' does not exist"),
     (["--util_data=gone/d_util.jsonl"], "--config.util_data='gone/d_util.jsonl' does not exist"),
+    (["--config.compile_cache=d_safe.jsonl"], "--config.compile_cache='d_safe.jsonl': use a folder"),
 ])
 def test_bad_config_is_a_one_line_usage_error_before_writing(diag_files, flags, needle):
   base = {"--model": "model", "--config.safe_data": "d_safe.jsonl", "--util_data": "d_util.jsonl"}

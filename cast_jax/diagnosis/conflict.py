@@ -67,8 +67,18 @@ def _batch_grad_sum(params, config, batch, include_bias, target="q"):
   return jax.tree.map(lambda x: x.astype(jnp.float32), g), n
 
 
-_batch_grad_sum_jit = jax.jit(_batch_grad_sum,
-                              static_argnames=("config", "include_bias", "target"))
+def _accumulate(params, config, batch, total, include_bias, target):
+  """total + this batch's gradient sum (one program: no eager add per batch), and its count."""
+  g, n = _batch_grad_sum(params, config, batch, include_bias, target)
+  return jax.tree.map(jnp.add, total, g), n
+
+
+_accumulate_jit = jax.jit(_accumulate, static_argnames=("config", "include_bias", "target"))
+
+
+@jax.jit
+def _unit_mean(total, count):
+  return targets.unit_vectors(total) / count
 
 
 def head_gradients(params: Params, config: ModelConfig, batches: Iterable[Batch], *,
@@ -84,17 +94,21 @@ def head_gradients(params: Params, config: ModelConfig, batches: Iterable[Batch]
     (float32 [L, U, P] per-unit gradients (U, P in `diagnosis.targets`), total target tokens).
   """
   targets.check_target(target)
-  total, count = None, 0.0
+  # Zeros made on the host and transferred: no program compiles for them.
+  total = jax.tree.map(lambda w: jnp.asarray(np.zeros(w.shape, np.float32)),
+                       targets.target_params(params, target, include_bias))
+  count, seen = 0.0, False
   for batch in batches:
-    g, n = _batch_grad_sum_jit(params, config, {k: jnp.asarray(v) for k, v in batch.items()},
-                               include_bias, target)
-    total = g if total is None else jax.tree.map(jnp.add, total, g)
+    total, n = _accumulate_jit(params, config, {k: jnp.asarray(v) for k, v in batch.items()},
+                               total, include_bias, target)
     count += float(n)
-  if total is None or count == 0:
+    seen = True
+  if not seen or count == 0:
     raise ValueError("head_gradients: no target tokens in the calibration batches")
-  return head_vectors(total) / count, count
+  return _unit_mean(total, jnp.float32(count)), count
 
 
+@jax.jit
 def head_cosine(a: jnp.ndarray, b: jnp.ndarray, eps: float = DEFAULT_EPS) -> jnp.ndarray:
   """cos(a[..., :], b[..., :]) over the last axis: a.b / max(|a| |b|, eps); [..., P] -> [...].
 

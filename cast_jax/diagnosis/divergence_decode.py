@@ -15,12 +15,13 @@ its first token; then this path costs more, and `sensitivity` falls back to step
 decoding after the first block of masks shows it (`AUTO_PLAIN`).
 
 Layer skipping: the forward of a block of masks starts from the residual stream entering the
-first layer any of them touches (rounded down to a multiple of START_STRIDE; the base
-sequences' residuals are computed once per chunk), as the MCQ sweep does.
+first layer any of them touches (computed once per block and chunk, shared by its masks), as
+the MCQ sweep does; the start layer is a traced input (`forward_from_any_layer`), so one program
+serves every block, and the last layer runs only for the continuation's positions.
 
 Programs: the base and the resumed pairs share one decoding program per prompt bucket
 (`greedy_rows`: [K, 1, T] prompts, K = mask_block * batch_size rows); the teacher-forced pass
-compiles once per (start layer, sequence length, window length) bucket.
+compiles once per (sequence length, window length) bucket.
 
 Exactness caveat: the teacher-forced forward and the cached decode compute the same logits in a
 different order, so they can differ in the last float bits; at a near-tie between the two top
@@ -43,18 +44,13 @@ from cast_jax import generate as gen
 from cast_jax.data.batching import collate_prompts
 from cast_jax.diagnosis.mask_sharding import map_over_masks
 from cast_jax.eval import batching
-from cast_jax.models import ModelConfig, forward
+from cast_jax.models import ModelConfig
 from cast_jax.models.decoder import Params
-from cast_jax.models.layer_skip import forward_from_layer
+from cast_jax.models.layer_skip import forward_from_any_layer, hidden_at_layer
 
 # Sequence lengths are padded to a multiple of MULTIPLE (prompts, teacher-forced sequences,
 # compared windows) so the programs compile once per few lengths.
 MULTIPLE = 16
-
-
-# The teacher-forced pass starts at a multiple of this layer (one program per start and shape):
-# compiling a program per layer cost more than the layers it skipped on the testbed.
-START_STRIDE = 2
 
 
 def _up(n: int, multiple: int = MULTIPLE) -> int:
@@ -68,8 +64,8 @@ class BaseRun:
   indices int [R] (source rows of the first R chunk rows; the rest are filler copies);
   full int32 [B, G] and lengths int32 [B]: the base continuation (pad after EOS, EOS
   counted); window int32 [B, W] (its first W >= max(lengths) tokens), at int32 [B, W] (the
-  sequence position whose logits predict window token t); seq_mask int32 [B, T] (the
-  sequences are left padded); residual float [L, B, T, D] (the stream entering each layer).
+  sequence position whose logits predict window token t); seq_ids, seq_mask int32 [B, T]
+  (prompt + continuation, left padded).
   """
   indices: np.ndarray
   full: np.ndarray
@@ -77,14 +73,7 @@ class BaseRun:
   window: Any
   at: Any
   seq_mask: Any
-  residual: Any
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _residuals(params, config, ids, mask):
-  _, got = forward(params, config, ids, attention_mask=mask, collect=("residual",),
-                   logits_at=[-1])
-  return got["residual"]
+  seq_ids: Any
 
 
 def base_runs(params: Params, config: ModelConfig, prompt_ids: Sequence[Sequence[int]], *,
@@ -93,7 +82,7 @@ def base_runs(params: Params, config: ModelConfig, prompt_ids: Sequence[Sequence
   """Base greedy continuations (G = max_new_tokens tokens) of N prompts, decoded `group_size`
   at a time by the resumed pairs' program (`greedy_rows`: one program for both), then
   regrouped in chunks of `batch_size` by prompt + continuation length (a response that stops
-  early needs a short teacher-forced sequence) with their residuals."""
+  early needs a short teacher-forced sequence)."""
   G, N = int(max_new_tokens), len(prompt_ids)
   ones = np.ones((config.num_layers, config.num_heads), np.float32)
   got = greedy_rows(params, config, [(list(p), ones, G) for p in prompt_ids],
@@ -112,29 +101,31 @@ def base_runs(params: Params, config: ModelConfig, prompt_ids: Sequence[Sequence
     at = np.minimum(T - 1 - lengths[rows, None] + np.arange(W)[None], T - 1).astype(np.int32)
     mask = jnp.asarray(chunk.attention_mask, jnp.int32)
     runs.append(BaseRun(chunk.indices, full[rows], lengths[rows], jnp.asarray(full[rows, :W]),
-                        jnp.asarray(at), mask,
-                        _residuals(params, config, jnp.asarray(chunk.input_ids, jnp.int32),
-                                   mask)))
+                        jnp.asarray(at), mask, jnp.asarray(chunk.input_ids, jnp.int32)))
   return runs
 
 
-@functools.partial(jax.jit, static_argnames=("config", "start", "mask_block", "mesh"))
-def _divergence_pass(params, config, hidden, seq_mask, window, at, lengths, masks, *, start,
+@functools.partial(jax.jit, static_argnames=("config", "mask_block", "mesh"))
+def _divergence_pass(params, config, seq_ids, start, seq_mask, window, at, lengths, masks, *,
                      mask_block, mesh):
   """(first [M, B], token [M, B]) int32: the first window step where the argmax under mask m
-  differs from the base token (W if none before the base's end) and the masked argmax there."""
-  W = window.shape[1]
+  differs from the base token (W if none before the base's end) and the masked argmax there.
+  The residual entering `start` (int32 scalar, traced: one program serves every start layer)
+  is computed once for all masks; the last layer runs for the last W + 1 positions only (`at`
+  reads no earlier one)."""
+  T, W = seq_mask.shape[1], window.shape[1]
+  hidden = hidden_at_layer(params, config, seq_ids, start, attention_mask=seq_mask)
 
-  def one(hm, params, hidden, seq_mask, window, at, lengths):
-    logits = forward_from_layer(params, config, hidden, start, attention_mask=seq_mask,
-                                head_mask=hm, logits_at=at)
+  def one(hm, params, hidden, start, seq_mask, window, at, lengths):
+    logits = forward_from_any_layer(params, config, hidden, start, attention_mask=seq_mask,
+                                    head_mask=hm, logits_at=at, last_positions=min(W + 1, T))
     pred = gen._argmax(logits)  # [B, W], the same tie rule as decoding
     differ = (pred != window) & (jnp.arange(W)[None] < lengths[:, None])
     first = jnp.where(differ.any(-1), jnp.argmax(differ, axis=-1), W).astype(jnp.int32)
     tok = jnp.take_along_axis(pred, jnp.minimum(first, W - 1)[:, None], axis=1)[:, 0]
     return first, tok
 
-  return map_over_masks(one, masks, (params, hidden, seq_mask, window, at, lengths),
+  return map_over_masks(one, masks, (params, hidden, start, seq_mask, window, at, lengths),
                         batch_size=mask_block, mesh=mesh)
 
 
@@ -149,10 +140,11 @@ def greedy_rows(params, config, rows, *, group_size, max_new_tokens, eos, pad_id
   """Greedy continuations of rows [(prompt ids, mask [L, H], r)], each its own prompt and mask
   -> [token lists of length <= r, stopping after EOS], decoded `group_size` rows at a time (a
   short last group filled with copies of its first row, to group_size or, if under half full,
-  a power of two) in the given order. Prompts are left
-  padded to a multiple of 4 * MULTIPLE and every group decodes up to max_new_tokens (the loop
-  stops once all rows hit EOS; tokens past r are dropped), so one program serves each prompt
-  bucket."""
+  a power of two) in the given order. Prompts are left padded to a multiple of 4 * MULTIPLE
+  and every group decodes up to max_new_tokens (the loop stops once all rows hit EOS; tokens
+  past r are dropped), so one program serves each prompt bucket. (One bucket for the whole
+  sweep, room for prompt + G tokens, would save a compile but doubled the decoding time on
+  the testbed: each step's cost grows with the cache length.)"""
   out: list[list[int]] = [[] for _ in rows]
   order = list(range(len(rows)))
   for s in range(0, len(order), group_size):
@@ -201,15 +193,12 @@ def find_divergence(params: Params, config: ModelConfig, runs: Sequence[BaseRun]
                     pad_id: int, mask_block: int, mesh: Any = None) -> Pending:
   """Where each (mask, prompt) pair parts from the base (`base_runs`, same prompts): one
   teacher-forced pass per run, `mask_block` of masks [M, L, H] vmapped at a time (split over
-  `mesh` when given), from the residual entering `first_touched_layer(masks)` rounded down to
-  a multiple of START_STRIDE."""
+  `mesh` when given), from the residual entering `first_touched_layer(masks)`."""
   masks = np.asarray(masks, np.float32)
   M, N, G = masks.shape[0], len(prompt_ids), runs[0].full.shape[1]
   p = Pending(np.full((M, N, G), pad_id, np.int32), np.zeros((M, N), np.int32),
               np.full((M, N), G, np.int32), [], [])
   start = first_touched_layer(masks)
-  if start < config.num_layers:  # few start layers, few programs (`START_STRIDE`)
-    start -= start % START_STRIDE
   # A short block is filled with copies of its first mask: one program per block size.
   padded = np.concatenate([masks, np.repeat(masks[:1], -M % mask_block, axis=0)])
   for run in runs:
@@ -218,9 +207,9 @@ def find_divergence(params: Params, config: ModelConfig, runs: Sequence[BaseRun]
     p.lengths[:, run.indices] = run.lengths[:real]
     if start == config.num_layers:  # every mask is all ones: the base model itself
       continue
-    f, t = _divergence_pass(params, config, run.residual[start], run.seq_mask, run.window,
-                            run.at, jnp.asarray(run.lengths), jnp.asarray(padded[:, start:]),
-                            start=start, mask_block=mask_block, mesh=mesh)
+    f, t = _divergence_pass(params, config, run.seq_ids, jnp.int32(start), run.seq_mask,
+                            run.window, run.at, jnp.asarray(run.lengths), jnp.asarray(padded),
+                            mask_block=mask_block, mesh=mesh)
     f, t = np.asarray(f)[:M, :real], np.asarray(t)[:M, :real]
     for m, r in zip(*np.nonzero(f < run.window.shape[1])):
       n, j = int(run.indices[r]), int(f[m, r])

@@ -1,18 +1,19 @@
 """The layer-skipping sweep driver shared by the teacher-forced sweeps (MCQ letters, refusal
 log-probs), organised in resumable blocks of layers.
 
-Block [a, b) needs the residual stream entering layers a..b-1 for every prompt chunk: a forward
-of the first b layers only (the model truncated to b layers, `collect=("residual",)`), after
-which each unit mask of layer l runs layers [l, L) (`forward_from_layer`). One block of all L
-layers is the plain sweep (one full forward per chunk, which also gives the base values);
-smaller blocks cost about 1 / U more forwards in total and let a killed run keep every block
-it finished (`done` / `on_block`, stored by `stage_cache.cached_blocks`).
+For each prompt chunk and layer l the sweep's one compiled program computes the unmasked
+residual stream entering l (`layer_skip.hidden_at_layer`, once, outside the vmap over masks)
+and runs layers [l, L) under each unit mask of l (`layer_skip.forward_from_any_layer`); the
+layer is a traced input, so one program serves every layer and the base values come from the
+same program (all-ones masks at the last layer). The shared prefix costs about 1 / U of the
+masked work; in exchange nothing of shape [L, B, T, D] is kept and no second program compiles.
+Blocks of layers let a killed run keep every block it finished (`done` / `on_block`, stored by
+`stage_cache.cached_blocks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 from cast_jax.diagnosis.head_ablation import num_units
 from cast_jax.eval import batching
-from cast_jax.models import ModelConfig, forward
+from cast_jax.models import ModelConfig
 from cast_jax.models.decoder import Params
 
 
@@ -61,24 +62,10 @@ def block_key(a: int, b: int) -> str:
   return f"layers_{a:03d}_{b:03d}"
 
 
-def _truncated(params: Params, config: ModelConfig, n: int) -> tuple[Params, ModelConfig]:
-  c = dataclasses.replace(config, num_layers=n, sliding_windows=tuple(config.sliding_windows[:n]))
-  return dict(params, layers=jax.tree.map(lambda w: w[:n], params["layers"])), c
-
-
-@functools.partial(jax.jit, static_argnames=("config", "n"))
-def prefix_residual(params: Params, config: ModelConfig, input_ids, attention_mask, *, n: int):
-  """Residual stream entering layers 0..n-1: float [n, B, T, D], from the first n layers only."""
-  p, c = _truncated(params, config, n)
-  _, got = forward(p, c, input_ids, attention_mask=attention_mask, collect=("residual",),
-                   logits_at=[-1])
-  return got["residual"]
-
-
-# base_fn(chunk) -> (values [B], residual [L, B, T, D]) from one full forward;
-# layer_fn(chunk, hidden [B, T, D], layer, masks [U, L - layer, H]) -> values [U, B].
-BaseFn = Callable[[Any], tuple[Any, Any]]
-LayerFn = Callable[[Any, Any, int, Any], Any]
+# base_fn(chunk) -> values [B] of the unablated model;
+# layer_fn(chunk, layer, masks [U, L, H]) -> values [U, B] under each unit mask of `layer`.
+BaseFn = Callable[[Any], Any]
+LayerFn = Callable[[Any, int, Any], Any]
 
 
 def run(params: Params, config: ModelConfig, chunks: Sequence[Chunk], n_rows: int, *,
@@ -93,6 +80,7 @@ def run(params: Params, config: ModelConfig, chunks: Sequence[Chunk], n_rows: in
   on_block(key, values [b - a, U, N]): called as each remaining block finishes, in order.
   progress(units): called with the (fractional) number of units finished by each chunk.
   """
+  del params  # the passes close over them
   L, U = config.num_layers, num_units(config, group)
   done = dict(done or {})
   base = np.zeros(n_rows, dtype)
@@ -111,12 +99,9 @@ def run(params: Params, config: ModelConfig, chunks: Sequence[Chunk], n_rows: in
     for chunk in chunks:
       real = len(chunk.indices)
       if b == L:
-        vals, residual = base_fn(chunk)
-        base[chunk.indices] = np.asarray(vals)[:real]
-      else:
-        residual = prefix_residual(params, config, chunk.input_ids, chunk.attention_mask, n=b)
+        base[chunk.indices] = np.asarray(base_fn(chunk))[:real]
       for layer in range(a, b):
-        got = layer_fn(chunk, residual[layer], layer, masks[layer])
+        got = layer_fn(chunk, layer, masks[layer])
         out[layer][:, chunk.indices] = np.asarray(got)[:, :real]
         if progress is not None:
           progress(U * real / n_rows)
@@ -125,6 +110,5 @@ def run(params: Params, config: ModelConfig, chunks: Sequence[Chunk], n_rows: in
       on_block(key, out[a:b].copy())
   if not have_base:  # the last block came from an earlier run
     for chunk in chunks:
-      vals, _ = base_fn(chunk)
-      base[chunk.indices] = np.asarray(vals)[:len(chunk.indices)]
+      base[chunk.indices] = np.asarray(base_fn(chunk))[:len(chunk.indices)]
   return base, out

@@ -7,7 +7,7 @@ change of -L_safe when the targets are the calibration refusals. One forward per
 mask, no decoding loop, so it costs about what the MCQ sweep costs.
 
 It runs like `sensitivity.mcq_sweep`: the residual stream entering each layer is computed once
-per chunk (the targets are teacher-forced, so the tokens below layer l do not depend on masks
+per chunk and layer (the targets are teacher-forced, so the tokens below layer l do not depend on masks
 of layers >= l, unlike generation), layer l's H masks run layers [l, L) only, vmapped, and only
 the K positions that predict target tokens are unembedded (`logits_at`).
 
@@ -31,10 +31,10 @@ from cast_jax.data.chat import special_token_ids
 from cast_jax.diagnosis import layer_sweep
 from cast_jax.diagnosis.head_ablation import num_units
 from cast_jax.diagnosis.mask_sharding import map_over_masks, mask_mesh
-from cast_jax.diagnosis.sensitivity import layer_head_masks
-from cast_jax.models import ModelConfig, forward
+from cast_jax.diagnosis.sensitivity import layer_unit_masks
+from cast_jax.models import ModelConfig
 from cast_jax.models.decoder import Params
-from cast_jax.models.layer_skip import forward_from_layer
+from cast_jax.models.layer_skip import forward_from_any_layer, hidden_at_layer
 
 DEFAULT_OPENINGS = ("I'm sorry", "I can't")
 
@@ -87,27 +87,22 @@ def _target_logprobs(logits, input_ids, weights):
   return (got * weights).sum(-1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k"))
-def _base_pass(params, config, input_ids, attention_mask, weights, *, k):
-  """Target log-prob sums [B] of the unablated model and each layer's input [L, B, T, D]."""
-  at = list(range(-k - 1, -1))
-  logits, got = forward(params, config, input_ids, attention_mask=attention_mask,
-                        collect=("residual",), logits_at=at)
-  return _target_logprobs(logits, input_ids, weights), got["residual"]
-
-
-@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "k", "mesh"))
-def _layer_pass(params, config, hidden, input_ids, attention_mask, weights, masks, *, layer,
+@functools.partial(jax.jit, static_argnames=("config", "mask_block", "k", "mesh"))
+def _layer_pass(params, config, layer, input_ids, attention_mask, weights, masks, *,
                 mask_block, k, mesh):
-  """Target log-prob sums [M, B] under each of M masks [M, L - layer, H], from layer's input."""
+  """Target log-prob sums [M, B] under each of M masks [M, L, H] of units of `layer` (int32
+  scalar, traced: one program for every layer, and the base with all-ones masks): the residual
+  entering `layer` once (`hidden_at_layer`), then layers [layer, L) per mask, the last layer for
+  the scored positions only (`forward_from_any_layer`)."""
   at = list(range(-k - 1, -1))
+  hidden = hidden_at_layer(params, config, input_ids, layer, attention_mask=attention_mask)
 
-  def one(hm, params, hidden, input_ids, attention_mask, weights):
-    logits = forward_from_layer(params, config, hidden, layer, attention_mask=attention_mask,
-                                head_mask=hm, logits_at=at)
+  def one(hm, params, hidden, layer, input_ids, attention_mask, weights):
+    logits = forward_from_any_layer(params, config, hidden, layer, attention_mask=attention_mask,
+                                    head_mask=hm, logits_at=at)
     return _target_logprobs(logits, input_ids, weights)
 
-  return map_over_masks(one, masks, (params, hidden, input_ids, attention_mask, weights),
+  return map_over_masks(one, masks, (params, hidden, layer, input_ids, attention_mask, weights),
                         batch_size=mask_block, mesh=mesh)
 
 
@@ -175,16 +170,17 @@ def proxy_safety_sweep(params: Params, config: ModelConfig, sequences: Sequence[
     chunk.extra.update(k=k, weights=jnp.asarray(
         (np.arange(k)[None] >= k - ks[:, None]).astype(np.float32)))
 
-  def base_fn(c):
-    return _base_pass(params, config, c.input_ids, c.attention_mask, c.extra["weights"],
-                      k=c.extra["k"])
+  def layer_fn(c, layer, masks):
+    return _layer_pass(params, config, jnp.int32(layer), c.input_ids, c.attention_mask,
+                       c.extra["weights"], masks, mask_block=block, k=c.extra["k"], mesh=mesh)
 
-  def layer_fn(c, hidden, layer, masks):
-    return _layer_pass(params, config, hidden, c.input_ids, c.attention_mask, c.extra["weights"],
-                       masks, layer=layer, mask_block=block, k=c.extra["k"], mesh=mesh)
+  ones = jnp.ones((U, config.num_layers, config.num_heads), jnp.float32)
+
+  def base_fn(c):  # the same program: all-ones masks from the last layer
+    return layer_fn(c, config.num_layers - 1, ones)[0]
 
   base, out = layer_sweep.run(
       params, config, chunks, N, base_fn=base_fn, layer_fn=layer_fn,
-      layer_masks=lambda layer: layer_head_masks(config, layer, group), group=group,
+      layer_masks=lambda layer: jnp.asarray(layer_unit_masks(config, layer, group)), group=group,
       dtype=np.float64, layer_block=layer_block, done=done, on_block=on_block, progress=progress)
   return ProxySweep(base, out, n_targets)

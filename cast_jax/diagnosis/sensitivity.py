@@ -6,9 +6,11 @@ greedy generations, judged by a pluggable `eval.refusal.Judge`). Head masks are 
 a block of masks runs as one vmapped program and each shape compiles once.
 
 Layer skipping (MCQ half): the residual stream entering layer l is the same under every mask
-that only zeroes heads of layers >= l, so it is computed once per prompt chunk (`forward(...,
-collect=("residual",))`) and the masks of layer l's heads run layers [l, L) only
-(`models.layer_skip.forward_from_layer`): on average half the layers of a full forward.
+that only zeroes heads of layers >= l, so it is computed once per prompt chunk and layer
+(`models.layer_skip.hidden_at_layer`) and the masks of layer l's heads run layers [l, L) only
+(`forward_from_any_layer`): on average half the layers of a full forward, in one compiled
+program for every layer and the base (the layer is traced), the last layer for the scored last
+position only.
 
 Safety half (`method`): step-by-step decoding cannot skip layers (every step below l reads
 tokens the ablation above changed), so the default "divergence" method decodes the base once,
@@ -42,9 +44,9 @@ from cast_jax.diagnosis.head_ablation import num_units, unit_masks
 from cast_jax.diagnosis.mask_sharding import map_over_masks, mask_mesh
 from cast_jax.eval import batching, mcq
 from cast_jax.eval.refusal import Judge, Verdict, score_refusals
-from cast_jax.models import ModelConfig, forward
+from cast_jax.models import ModelConfig
 from cast_jax.models.decoder import Params
-from cast_jax.models.layer_skip import forward_from_layer
+from cast_jax.models.layer_skip import forward_from_any_layer, hidden_at_layer
 
 
 def layer_head_masks(config: ModelConfig, layer: int, group: int = 1) -> jnp.ndarray:
@@ -59,25 +61,30 @@ def layer_head_masks(config: ModelConfig, layer: int, group: int = 1) -> jnp.nda
   return jnp.asarray(masks)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _base_pass(params, config, input_ids, attention_mask, choice_ids):
-  """Letter predictions [B] of the unablated model and each layer's input [L, B, T, D]."""
-  logits, got = forward(params, config, input_ids, attention_mask=attention_mask,
-                        collect=("residual",), logits_at=[-1])
-  return mcq.restricted_argmax(logits[:, 0], choice_ids), got["residual"]
+def layer_unit_masks(config: ModelConfig, layer: int, group: int = 1) -> np.ndarray:
+  """float32 [U, L, H]: mask u zeroes unit u of `layer` only (every layer's row present, the
+  form `forward_from_any_layer` takes)."""
+  L, U = config.num_layers, num_units(config, group)
+  if not 0 <= layer < L:
+    raise ValueError(f"layer_unit_masks: layer={layer} outside [0, {L})")
+  return unit_masks(config, group)[layer * U:(layer + 1) * U]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "mask_block", "mesh"))
-def _layer_pass(params, config, hidden, attention_mask, choice_ids, masks, *, layer, mask_block,
-                mesh):
-  """Letter predictions [U, B] with each unit of `layer` zeroed, from that layer's input."""
+@functools.partial(jax.jit, static_argnames=("config", "mask_block", "mesh"))
+def _layer_pass(params, config, input_ids, layer, attention_mask, choice_ids, masks, *,
+                mask_block, mesh):
+  """Letter predictions [U, B] under masks [U, L, H] of units of `layer` (int32 scalar, traced:
+  one program for every layer, and the base model with all-ones masks): the residual entering
+  `layer` once (`hidden_at_layer`), then layers [layer, L) per mask, the last layer for the last
+  position only (`forward_from_any_layer`)."""
+  hidden = hidden_at_layer(params, config, input_ids, layer, attention_mask=attention_mask)
 
-  def one(hm, params, hidden, attention_mask, choice_ids):
-    logits = forward_from_layer(params, config, hidden, layer, attention_mask=attention_mask,
-                                head_mask=hm, logits_at=[-1])
+  def one(hm, params, hidden, layer, attention_mask, choice_ids):
+    logits = forward_from_any_layer(params, config, hidden, layer, attention_mask=attention_mask,
+                                    head_mask=hm, logits_at=[-1])
     return mcq.restricted_argmax(logits[:, 0], choice_ids)
 
-  return map_over_masks(one, masks, (params, hidden, attention_mask, choice_ids),
+  return map_over_masks(one, masks, (params, hidden, layer, attention_mask, choice_ids),
                         batch_size=mask_block, mesh=mesh)
 
 
@@ -129,16 +136,18 @@ def mcq_sweep(params: Params, config: ModelConfig, mcq_set: MCQSet, *, pad_id: i
   for chunk in chunks:
     chunk.extra["choice"] = jnp.asarray(mcq_set.choice_ids[layer_sweep.rows(chunk)])
 
-  def base_fn(chunk):
-    return _base_pass(params, config, chunk.input_ids, chunk.attention_mask, chunk.extra["choice"])
+  def layer_fn(chunk, layer, masks):
+    return _layer_pass(params, config, chunk.input_ids, jnp.int32(layer), chunk.attention_mask,
+                       chunk.extra["choice"], masks, mask_block=block, mesh=mesh)
 
-  def layer_fn(chunk, hidden, layer, masks):
-    return _layer_pass(params, config, hidden, chunk.attention_mask, chunk.extra["choice"], masks,
-                       layer=layer, mask_block=block, mesh=mesh)
+  ones = jnp.ones((U, config.num_layers, config.num_heads), jnp.float32)
+
+  def base_fn(chunk):  # the same program: all-ones masks from the last layer
+    return layer_fn(chunk, config.num_layers - 1, ones)[0]
 
   base, preds = layer_sweep.run(
       params, config, chunks, len(mcq_set.prompt_ids), base_fn=base_fn, layer_fn=layer_fn,
-      layer_masks=lambda layer: layer_head_masks(config, layer, group), group=group,
+      layer_masks=lambda layer: jnp.asarray(layer_unit_masks(config, layer, group)), group=group,
       dtype=np.int32, layer_block=layer_block, done=done, on_block=on_block, progress=progress)
   return MCQSweep(base, preds, np.asarray(mcq_set.answers, np.int32))
 

@@ -159,7 +159,7 @@ def evaluate_models(models: Mapping[str, EvalModel], tokenizer, heldout: HeldOut
                     kl_pairs: Sequence[tuple[str, str]] = DEFAULT_KL_PAIRS,
                     max_new_tokens: int = 128, batch_size: int = 16, max_len: int = 1024,
                     lexicon: frozenset[str] | None = None, num_samples: int = 3,
-                    progress=None) -> dict[str, Any]:
+                    style_judge=None, progress=None) -> dict[str, Any]:
   """Behaviour rate, utility and teacher-forced KLs of each named model on `heldout`.
 
   Args:
@@ -173,6 +173,8 @@ def evaluate_models(models: Mapping[str, EvalModel], tokenizer, heldout: HeldOut
     max_len: longest teacher-forced row (longer ones are truncated with a warning).
     lexicon: archaic lexicon of the style rate (None: the shipped one).
     num_samples: first responses per model kept in the result, for reading.
+    style_judge: for style, a `cast_jax.eval.style_judge.StyleJudge` (App. F.4's 0-5 LLM-judge
+      rubric): adds "judge_score", the mean score over the held-out responses.
     progress: optional callable(str) told each stage.
 
   Returns:
@@ -201,6 +203,9 @@ def evaluate_models(models: Mapping[str, EvalModel], tokenizer, heldout: HeldOut
     responses[name] = texts
     scores = behaviour_scores(heldout.behaviour, texts[:len(prompts)], texts[len(prompts):],
                               prompts=prompts, benign_prompts=benign, lexicon=lexicon)
+    if style_judge is not None and heldout.behaviour == "style":
+      say(f"{name}: style judge on {len(prompts)} responses")
+      scores["judge_score"] = float(np.mean(style_judge.scores(texts[:len(prompts)])))
     if mcq:
       say(f"{name}: MMLU analogue ({len(mcq)} items)")
       scores["mmlu"] = mcq_accuracy(model, tokenizer, mcq, batch_size=batch_size)
@@ -225,7 +230,7 @@ _LABELS = {"fixed_response_rate": "fixed-response rate", "refusal_rate": "harmfu
            "compliance_rate": "harmful compliance", "empty_rate": "harmful empty",
            "over_refusal_rate": "benign over-refusal", "benign_empty_rate": "benign empty",
            "archaic_rate": "archaic-word rate", "archaic_rate_pooled": "archaic (pooled)",
-           "mmlu": "MMLU analogue"}
+           "mmlu": "MMLU analogue", "judge_score": "judge (0-5)"}
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:

@@ -29,6 +29,8 @@ _LCDD = flags.DEFINE_string("lcdd", None, "LCDD model: merged HF checkpoint dir 
 _BEHAVIOUR = flags.DEFINE_string("behaviour", None, "fixed_response | safety | style.")
 _DATA = flags.DEFINE_string("data", None, "Held-out prompts of the behaviour: file or hub id.")
 _MMLU = flags.DEFINE_string("mmlu", None, "MMLU-schema file or hub id (utility); optional.")
+_JUDGE = flags.DEFINE_string("style_judge", None, "style: an HF checkpoint dir of an LLM judge "
+                             "scoring App. F.4's 0-5 Shakespeare rubric (the paper: Qwen3-14B).")
 _TRAIN = flags.DEFINE_string("train_data", None, "The behaviour's training data, to check that "
                              "no held-out prompt was trained on; optional.")
 
@@ -55,6 +57,9 @@ def _validate(cfg) -> None:
   if cfg.lexicon and not os.path.isfile(cfg.lexicon):
     raise app.UsageError(f"--config.lexicon={cfg.lexicon!r}: no such file; pass a word list or "
                          "'' for the shipped lexicon.")
+  if _JUDGE.value and not os.path.isfile(os.path.join(_JUDGE.value, "config.json")):
+    raise app.UsageError(f"--style_judge={_JUDGE.value!r}: pass an HF checkpoint dir (with "
+                         "config.json and its tokenizer).")
 
 
 def _adapter_kwargs(cfg) -> dict:
@@ -110,7 +115,7 @@ def main(argv):
   common.write_config(out, cfg, base=os.path.abspath(_BASE.value),
                       sft=os.path.abspath(_SFT.value), lcdd=os.path.abspath(_LCDD.value),
                       behaviour=_BEHAVIOUR.value, data=_DATA.value, mmlu=_MMLU.value,
-                      train_data=_TRAIN.value)
+                      train_data=_TRAIN.value, style_judge=_JUDGE.value)
   t0 = time.time()
   common.stage(f"reading held-out {_BEHAVIOUR.value} prompts from {_DATA.value}")
   kw = _adapter_kwargs(cfg)
@@ -134,10 +139,15 @@ def main(argv):
   tokenizer = transformers.AutoTokenizer.from_pretrained(_SFT.value)
   eval_models = {name: ev.EvalModel(p, c) for name, (c, p) in loaded.items()}
   max_new = cfg.safety_max_new_tokens if _BEHAVIOUR.value == "safety" else cfg.max_new_tokens
+  judge = None
+  if _JUDGE.value:
+    from cast_jax.eval.style_judge import StyleJudge
+    common.stage(f"loading the style judge {_JUDGE.value}")
+    judge = StyleJudge.from_pretrained(_JUDGE.value, batch_size=cfg.batch_size)
   result = evaluation.evaluate_models(
       eval_models, tokenizer, heldout, mcq=mcq, max_new_tokens=max_new,
       batch_size=cfg.batch_size, max_len=cfg.max_len, lexicon=lexicon,
-      num_samples=cfg.num_samples, progress=common.stage)
+      num_samples=cfg.num_samples, style_judge=judge, progress=common.stage)
   result["wall_s"] = time.time() - t0
   result["max_new_tokens"] = max_new
   carrier = _carrier_run(_LCDD.value)

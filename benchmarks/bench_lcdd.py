@@ -1,7 +1,7 @@
 """One LCDD step against one full-SFT step on the same model and batch, measured in one run.
 
   python benchmarks/bench_lcdd.py [--models=testbed,llama8x512 --batch=8 --seq=128
-                                   --repeats=7 --warmup=2 --task_loss=ce --remat=weights]
+                                   --repeats=7 --warmup=2 --task_loss=ce --remat=full]
 
 Both steps are the library's jitted train steps with donated state, as training runs them:
   * SFT: `make_sft_loss_fn` + `build_optimizer` (AdamW, clipping) + `make_train_step`, every
@@ -162,7 +162,7 @@ def main():
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--task_loss", default="ce", choices=("ce", "kl_online", "kl_cached"))
-  p.add_argument("--remat", default="weights", choices=("none", "weights", "full"),
+  p.add_argument("--remat", default="full", choices=("none", "weights", "full"),
                  help="LCDD's remat mode (carrier_jax.lcdd.REMAT_MODES); SFT never remats.")
   args = p.parse_args()
   ok = [bench(name, args) for name in args.models.split(",")]

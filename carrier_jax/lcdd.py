@@ -55,10 +55,11 @@ def check_task_loss(task_loss: str, teacher: str) -> None:
     raise ValueError(f"teacher={teacher!r}: choose from {distill.TEACHERS}.")
 
 
-# remat modes of the LCDD forward: "weights" keeps every activation SFT keeps but recomputes
-# the masked weights W_base + M * dW in the backward (measured: the step's memory drops by about
-# one weight copy at no measurable time cost, benchmarks/bench_lcdd.py); "full" recomputes each
-# layer; "none" keeps everything.
+# remat modes of the LCDD forward (benchmarks/bench_lcdd.py, 8-layer d=512 Llama, batch 8):
+# "full" (default) recomputes each layer in the backward: memory 0.983 of SFT + one weight copy
+# at seq 128, 0.929 at seq 512, time 1.02x / 1.12x SFT's; "weights" keeps what SFT keeps but
+# recomputes the masked weights W_base + M * dW: 1.0002 / 0.929 of the budget at 0.99x / 0.89x
+# the time; "none" keeps everything (1.025 at seq 128).
 REMAT_MODES = {
     "none": False,
     "weights": jax.checkpoint_policies.save_anything_except_these_names(CARRIER_WEIGHT),
@@ -76,14 +77,14 @@ def remat_policy(remat: bool | str) -> Any:
 
 
 def make_lcdd_loss_fn(config: models.ModelConfig, *, multiplier_key: str = "multiplier",
-                      remat: bool | str = "weights", per_sequence: bool = False, task_loss: str = "ce",
+                      remat: bool | str = "full", per_sequence: bool = False, task_loss: str = "ce",
                       teacher: str = "online") -> LossFn:
   """`loss_fn(carrier, frozen, batch, rng, extra) -> (loss, metrics)` for make_train_step.
 
   Args:
     config: the model config.
     multiplier_key: where the controller state sits in `extra`.
-    remat: a REMAT_MODES key ("weights" default) or a bool (True = "full").
+    remat: a REMAT_MODES key ("full" default) or a bool (True = "full").
     per_sequence: average the task loss per row first (see `cast_jax.train.sft_loss`).
     task_loss: "ce" (SFT cross-entropy) or "kl" (KL(SFT || gated model) per response token).
     teacher: for "kl": "online" (`frozen` is {"base": base params, "teacher": SFT params}) or

@@ -59,7 +59,7 @@ def run_lcdd(base_params: Params, ft_params: Params, config: ModelConfig,
              train_norms: bool = False, accum_steps: int = 1, stop: StopConfig | None = None,
              workdir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
              log_every: int = 10, pad_multiple: int = 16, buckets: Sequence[int] | None = None,
-             remat: bool | str = "weights", per_sequence: bool = False, progress: bool = True,
+             remat: bool | str = "full", per_sequence: bool = False, progress: bool = True,
              extend: bool = False, overwrite: bool = False, task_loss: str = "ce",
              teacher: str = "online", teacher_top_k: int = 64, budget_floor: float = 0.0,
              mesh: Mesh | None = None

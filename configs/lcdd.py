@@ -63,7 +63,7 @@ def get_config(preset: str = "fixed_response") -> ml_collections.ConfigDict:
   c.shard = False          # run the step on a ('data', 'model') mesh over all devices
   c.mesh_model = 1         # the mesh's model axis (data = devices // model)
   c.train_norms = False
-  c.remat = "weights"      # none | weights (recompute only the masked weights) | full
+  c.remat = "full"         # full | weights (recompute only the masked weights) | none
   c.export_dtype = ""      # "" keeps float32; e.g. "bfloat16"
   c.delta = ml_collections.ConfigDict(dict(
       learning_rate=2e-5, schedule="constant", warmup_steps=0, weight_decay=0.0,

@@ -28,34 +28,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lcdd import _model  # noqa: E402  (the same base / SFT model pairs)
 from timing import interleaved  # noqa: E402
 
 TIME_TARGET = 1.2
-MODELS = {  # name: (hidden, layers, heads, kv heads, ffn, vocab) for random Llamas
-    "llama8x512": (512, 8, 8, 4, 1408, 4096),
-    "llama4x256": (256, 4, 4, 2, 704, 2048),
-}
-
-
-def _model(name):
-  import jax
-
-  from cast_jax.models import ModelConfig, init_params, load_pretrained
-  if name == "testbed":
-    from cast_jax.testbed import build
-    tb = build.build_testbed(progress=False)
-    config, base = load_pretrained(tb.base_dir)
-    _, ft = build.aligned_testbed(tb, progress=False)
-    return config, base, ft
-  D, L, H, K, F, V = MODELS[name]
-  config = ModelConfig(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=F,
-                       num_layers=L, num_heads=H, num_kv_heads=K, head_dim=D // H,
-                       bos_token_id=1)
-  base = init_params(config, jax.random.PRNGKey(0))
-  ft = init_params(config, jax.random.PRNGKey(1), std=0.002)
-  layers = {n: base["layers"][n] + ft["layers"][n] if n.startswith("w") else base["layers"][n]
-            for n in base["layers"]}
-  return config, base, {**base, "layers": layers}
 
 
 def bench(name, args):

@@ -50,7 +50,8 @@ def _model(name):
     return config, base, ft
   D, L, H, K, F, V = MODELS[name]
   config = ModelConfig(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=F,
-                       num_layers=L, num_heads=H, num_kv_heads=K, head_dim=D // H)
+                       num_layers=L, num_heads=H, num_kv_heads=K, head_dim=D // H,
+                       bos_token_id=1)
   base = init_params(config, jax.random.PRNGKey(0))
   # The "SFT" model: the base's layer matrices moved a little, embeddings / norms / head kept.
   ft = init_params(config, jax.random.PRNGKey(1), std=0.002)

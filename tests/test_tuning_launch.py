@@ -101,9 +101,11 @@ def _row(run, base):
   p["avg_safe"] = (p["refusal_vanilla"] + p["refusal_adversarial"]) / 2
   b_gen = 100 * (base["mmlu"] + base["csqa"] + base["gsm8k"]) / 3
   b_safe = 100 * (base["refusal_vanilla"] + base["refusal_adversarial"]) / 2
-  gain = p["avg_safe"] - b_safe + 1e-8
-  p["ucr"] = max(0.0, (b_gen - p["avg_gen"]) / gain)
-  p["mmlu_cr"] = max(0.0, (100 * base["mmlu"] - p["mmlu"]) / gain)
+  gain = p["avg_safe"] - b_safe
+  undefined = gain < 1.0  # experiment.MIN_SAFETY_GAIN: no measurable safety gain to price
+  p["ucr"] = np.nan if undefined else max(0.0, (b_gen - p["avg_gen"]) / (gain + 1e-8))
+  p["mmlu_cr"] = np.nan if undefined else max(0.0, (100 * base["mmlu"] - p["mmlu"])
+                                              / (gain + 1e-8))
   return p
 
 
@@ -124,10 +126,13 @@ def test_experiment_tables_equal_a_recomputation_from_the_run_evals(files, exper
       for k in table["columns"]:
         if k == "avg_score":
           continue
-        want = [r[k] for r in per_seed]
-        tol = dict(rel=1e-9, abs=1e-9)  # UCR is ~1e9 when safety does not move (eps 1e-8)
-        assert row["cells"][k]["mean"] == pytest.approx(np.mean(want), **tol), (t, row, k)
-        assert row["cells"][k]["std"] == pytest.approx(np.std(want, ddof=1), **tol)
+        want = [r[k] for r in per_seed if not np.isnan(r[k])]  # over the seeds it is defined
+        tol = dict(rel=1e-9, abs=1e-9)
+        cell = row["cells"][k]
+        assert cell["n"] == len(want), (t, row, k)
+        assert cell["mean"] == (pytest.approx(np.mean(want), **tol) if want else None), (t, row, k)
+        assert cell["std"] == (pytest.approx(np.std(want, ddof=1), **tol) if len(want) > 1
+                               else None)
   sft = json.loads((exp / "tables" / "sft.json").read_text())
   # The check means something only if the runs differ (lr 0.5 moves the tiny model's answers).
   assert len({r["cells"]["avg_gen"]["mean"] for r in sft["rows"]}) > 1
@@ -144,12 +149,9 @@ def test_experiment_tables_equal_a_recomputation_from_the_run_evals(files, exper
     for cost in ("ucr", "mmlu_cr"):
       ys = [[_row(_eval(exp, s, f"{row['ranking']}_b{b}"), base)[cost] for b in (1, 2)]
             for s in SEEDS]
-      want = [stats.pearsonr(x, y)[0] if np.ptp(y) > 0 else np.nan for y in ys]
-      got = row["cells"][f"pearson_{cost}"]["mean"]
-      if np.isnan(want).any():
-        assert got is None
-      else:
-        assert got == pytest.approx(np.mean(want), rel=1e-9)
+      # r needs 3 buckets with a defined cost; with M = 2 it is never defined.
+      assert np.shape(ys) == (len(SEEDS), 2) and len(x) == 2
+      assert row["cells"][f"pearson_{cost}"]["mean"] is None
   # The runs' head sets: buckets of C, budget-matched random, each its own LoRA run.
   c = np.asarray(heads["c"])
   run = json.loads((exp / "runs" / "seed1" / "c_b2" / "run.json").read_text())

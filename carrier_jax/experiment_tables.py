@@ -5,7 +5,8 @@ A table is {"title", "columns": [str], "rows": [{"name": str, <column>: float | 
 
   lcdd/sparsity.json, lcdd_mask/sparsity.json   gate / dW sparsity (carrier_jax.outputs)
   eraser_{lcdd,sft,mask,output_only}/eval.json  behaviour rates and KLs (evaluate_models)
-  eval/eval.json (optional)                     the MMLU analogue of Base / SFT / LCDD
+  eval/eval.json (optional)                     the MMLU analogue of Base / SFT / LCDD (else
+                                                eraser_lcdd's, which also has the triggered row)
 """
 
 import json
@@ -54,7 +55,8 @@ def main_table(behaviour: str, ev: dict, sparsity: dict | None, mmlu_eval: dict 
   names = ["Base", "SFT", "LCDD"] + trig
   for name in [n for n in names if n in ev["models"]]:
     row = {"name": name.replace("Trigger", "Trig"), **_rates(ev, name)}
-    row["MMLU analogue"] = mm.get(name, {}).get("mmlu")
+    got = mm.get(name, {}).get("mmlu")
+    row["MMLU analogue"] = ev["models"][name].get("mmlu") if got is None else got
     row.update(_sparsity(sparsity) if name == "LCDD" else {})
     if name == "LCDD":
       row["KL(SFT||LCDD)"] = _kl(ev, "SFT", "LCDD")

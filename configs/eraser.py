@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (per kind) are the evaluation's held-out prompts (only with --sft).
   c.selection_prompts = 32
   c.eval_limit = 100
+  c.mcq_limit = 200               # --mmlu: items of the MMLU-analogue column
   c.model_name = "LCDD"           # the erased model's row name (e.g. "SFT" for the ablation)
   c.max_new_tokens = 128          # evaluation decode (F.4); safety uses safety_max_new_tokens
   c.safety_max_new_tokens = 512

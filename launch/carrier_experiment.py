@@ -11,7 +11,8 @@ Stages, each a child `python -m launch.X` in its own subdir, skipped when its la
   sft/                 launch.sft (unless --sft)
   lcdd/, lcdd_mask/    launch.lcdd, the behaviour's preset (configs/lcdd.py), joint / mask-only
   eval/                launch.carrier_eval (only with --mmlu): the MMLU-analogue column
-  eraser_lcdd/         launch.eraser on LCDD (the main row)
+  eraser_lcdd/         launch.eraser on LCDD (the main row; with --mmlu, the triggered model's
+                       MMLU-analogue cell too)
   eraser_sft/          ... on the SFT model with LCDD's channels (Table 4)
   eraser_mask/         ... on the mask-only carrier (Table 6)
   eraser_output_only/  ... on LCDD with --config.use_mse=False (section 4.3)
@@ -152,11 +153,13 @@ def main(argv):
              "eraser_mask": ("lcdd_mask", "lcdd_mask", []),
              "eraser_output_only": ("lcdd", "lcdd", ["--config.use_mse=False"])}
   for name, (model, carrier, more) in erasers.items():
-    hard = ["--config.hard.enabled=True"] if cfg.eraser.hard and name == "eraser_lcdd" else []
+    main_row = name == "eraser_lcdd"
+    hard = ["--config.hard.enabled=True"] if cfg.eraser.hard and main_row else []
+    mmlu = [f"--mmlu={paths['mmlu']}"] if paths.get("mmlu") and main_row else []
     args = [f"--base={paths['base']}", f"--model={d(model, 'lcdd_model') if model else sft}",
             f"--carrier={d(carrier)}", f"--data={paths['data']}",
             f"--heldout={paths['heldout']}", f"--sft={sft}", f"--config.behaviour={beh}",
-            *_steps(cfg.eraser.num_steps), *more, *hard]
+            *_steps(cfg.eraser.num_steps), *more, *hard, *mmlu]
     _stage(name, d(name, "metrics.json"),
            lambda name=name, args=args: _child("eraser", d(name), args, cfg.eraser.extra), times)
 

@@ -13,7 +13,8 @@ the paper uses the same write channels; without --carrier every channel is match
 load_prompts`; safety: harmful and benign together). The first --config.selection_prompts of
 --heldout pick the best trigger; with --sft the next --config.eval_limit are scored for Base /
 SFT / <model_name> / <model_name>+Trigger (behaviour rate and the KLs SFT||model,
-SFT||Trig, Base||model, Base||Trig) into eval.json / eval.md.
+SFT||Trig, Base||model, Base||Trig) into eval.json / eval.md; --mmlu adds the MMLU-analogue
+column (the first --config.mcq_limit items, letter-restricted zero-shot), triggered model too.
 
 Writes into --workdir: trigger.npy (float32 [L, D], the held-out-best trigger), trigger.json
 (its meta), curves.png, curves.jsonl, metrics.json, config.json. --config.hard.enabled adds a
@@ -42,6 +43,8 @@ _DATA = flags.DEFINE_string("data", None, "Training prompts: file or hub id.")
 _HELDOUT = flags.DEFINE_string("heldout", None, "Held-out prompts: file or hub id.")
 _SFT = flags.DEFINE_string("sft", None, "SFT model (HF dir): adds the Base / SFT / model / "
                            "model+Trigger evaluation; optional.")
+_MMLU = flags.DEFINE_string("mmlu", None, "MMLU-schema file or hub id: the utility column of "
+                            "the evaluation (needs --sft); optional.")
 
 
 def _validate(cfg) -> None:
@@ -56,6 +59,8 @@ def _validate(cfg) -> None:
   for flag in (_DATA, _HELDOUT):
     if not flag.value:
       raise app.UsageError(f"--{flag.name}: pass a prompt file (or hub id).")
+  if _MMLU.value and not _SFT.value:
+    raise app.UsageError("--mmlu scores the evaluation, which needs --sft; pass both or neither.")
   if _CARRIER.value and not os.path.isdir(_CARRIER.value):
     raise app.UsageError(f"--carrier={_CARRIER.value!r}: pass an LCDD workdir or its carrier/.")
   if cfg.behaviour not in BEHAVIOURS:
@@ -64,7 +69,7 @@ def _validate(cfg) -> None:
     raise app.UsageError(f"--config.align / place: use one of {ALIGNS} / {PLACES}.")
   for name in ("length", "batch_size", "num_prompts", "tail_k", "eval_every", "log_every",
                "max_prompt_len", "selection_prompts", "max_new_tokens", "safety_max_new_tokens",
-               "eval_batch_size", "max_len", "eval_limit"):
+               "eval_batch_size", "max_len", "eval_limit", "mcq_limit"):
     value = cfg[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise app.UsageError(f"--config.{name}={value!r}: use an integer >= 1.")
@@ -153,7 +158,8 @@ def main(argv):
   out = _WORKDIR.value
   common.write_config(out, cfg, base=os.path.abspath(_BASE.value),
                       model=os.path.abspath(_MODEL.value), carrier=_CARRIER.value,
-                      data=_DATA.value, heldout=_HELDOUT.value, sft=_SFT.value)
+                      data=_DATA.value, heldout=_HELDOUT.value, sft=_SFT.value,
+                      mmlu=_MMLU.value)
   t0 = time.time()
   common.stage("loading the checkpoints")
   config, base = models.load_pretrained(_BASE.value)
@@ -268,7 +274,7 @@ def _evaluate(cfg, config, base, params, tokenizer, held, triggers, bos, out):
   triggers: {row suffix ("Trigger", "HardTrigger"): float [L, D] embeddings}."""
   from carrier_jax import evaluation
   from carrier_jax.trigger import triggered
-  from cast_jax import models
+  from cast_jax import data, models
   from cast_jax import workdir as wd
   from cast_jax.eval import EvalModel
   from cast_jax.io_atomic import atomic_write_bytes
@@ -298,7 +304,8 @@ def _evaluate(cfg, config, base, params, tokenizer, held, triggers, bos, out):
     from cast_jax.eval.style import parse_lexicon
     with open(cfg.lexicon) as f:
       lexicon = parse_lexicon(f.read().splitlines())
-  result = evaluation.evaluate_models(eval_models, tokenizer, eval_set, kl_pairs=pairs,
+  mcq = data.load_mmlu(_MMLU.value, limit=cfg.mcq_limit) if _MMLU.value else []
+  result = evaluation.evaluate_models(eval_models, tokenizer, eval_set, kl_pairs=pairs, mcq=mcq,
                                       max_new_tokens=max_new, batch_size=cfg.eval_batch_size,
                                       max_len=cfg.max_len, lexicon=lexicon,
                                       progress=common.stage)

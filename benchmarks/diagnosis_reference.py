@@ -37,15 +37,16 @@ def ablated(hf, head):
       handle.remove()
 
 
-def _left_pad(rows, pad):
-  """Token lists -> input_ids, attention_mask, position_ids: torch int64 [B, P], left padded."""
+def _left_pad(rows, pad, device="cpu"):
+  """Token lists -> input_ids, attention_mask, position_ids: torch int64 [B, P], left padded,
+  on `device`."""
   P = max(len(r) for r in rows)
   ids = torch.full((len(rows), P), pad, dtype=torch.long)
   mask = torch.zeros((len(rows), P), dtype=torch.long)
   for i, r in enumerate(rows):
     ids[i, P - len(r):] = torch.tensor(r)
     mask[i, P - len(r):] = 1
-  return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+  return ids.to(device), mask.to(device), (mask.cumsum(-1) - 1).clamp(min=0).to(device)
 
 
 def _batches(items, size):
@@ -75,12 +76,13 @@ def _q_grads(hf, examples, batch_size, pad):
       attn[i, :len(row)] = 1
       keep = torch.tensor(np.asarray(loss_mask) > 0)
       labels[i, :len(row)] = torch.where(keep, ids[i, :len(row)], -100)
-    logits = hf(input_ids=ids, attention_mask=attn).logits
+    logits = hf(input_ids=ids.to(hf.device), attention_mask=attn.to(hf.device)).logits
+    labels = labels.to(hf.device)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                            labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
     loss.backward()
     count += int((labels[:, 1:] != -100).sum())
-  grads = torch.stack([q.grad / count for q in qs])
+  grads = torch.stack([q.grad.float() / count for q in qs])
   for q in qs:
     q.requires_grad_(False)
     q.grad = None
@@ -94,17 +96,18 @@ def conflict_o(hf, safe_examples, util_examples, batch_size, pad):
   L, H = g_safe.shape[0], hf.config.num_attention_heads
   a, b = g_safe.reshape(L, H, -1), g_util.reshape(L, H, -1)  # a head's rows of q_proj.weight
   cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
-  return ((1.0 - cos) / 2.0).numpy()
+  return ((1.0 - cos) / 2.0).cpu().numpy()
 
 
 @torch.inference_mode()
 def _letter_predictions(hf, prompt_ids, choice_ids, batch_size, pad):
   preds = []
   for start in range(0, len(prompt_ids), batch_size):
-    ids, mask, pos = _left_pad(prompt_ids[start:start + batch_size], pad)
+    ids, mask, pos = _left_pad(prompt_ids[start:start + batch_size], pad, hf.device)
     last = hf(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-    letters = torch.as_tensor(np.asarray(choice_ids[start:start + len(ids)], np.int64))
-    preds.append(last.gather(1, letters).argmax(-1).numpy())
+    letters = torch.as_tensor(np.asarray(choice_ids[start:start + len(ids)], np.int64),
+                              device=hf.device)
+    preds.append(last.gather(1, letters).argmax(-1).cpu().numpy())
   return np.concatenate(preds).astype(np.int32)
 
 
@@ -127,7 +130,7 @@ def responses(hf, tok, prompt_ids, batch_size, gen_len, pad, eos):
   with special tokens skipped: N strings."""
   texts = []
   for start in range(0, len(prompt_ids), batch_size):
-    ids, mask, _ = _left_pad(prompt_ids[start:start + batch_size], pad)
+    ids, mask, _ = _left_pad(prompt_ids[start:start + batch_size], pad, hf.device)
     out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_len,
                       do_sample=False, eos_token_id=eos, pad_token_id=pad)
     for row in out[:, ids.shape[1]:].tolist():

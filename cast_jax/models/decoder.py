@@ -117,7 +117,14 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention={impl!r}; choose from {ATTENTION_IMPLS} or None (auto).")
   if impl != "einsum":
-    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation=impl,
+    mask = allowed[:, None]
+    if impl == "cudnn":
+      # One mask row per head: cuDNN attention's vmap rule (JAX 0.10-0.11) reshapes a batched
+      # mask to [B, H, T, S], so a [B, 1, T, S] one fails under vmap (head-mask sweeps,
+      # per-example gradients). The bias cuDNN reads is H times larger for it; still half of
+      # the einsum path's fp32 scores.
+      mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2]) + allowed.shape[1:])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl,
                                        is_causal=causal and impl == "cudnn")
     if impl == "cudnn":
       # cuDNN applies the mask as a -large bias; zeroing pad rows keeps them finite regardless.

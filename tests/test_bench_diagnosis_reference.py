@@ -76,3 +76,24 @@ def test_reference_conflict_scores_equal_score_heads_with_ties():
                             - np.array([0.6, 0.6, 0.1, 0.1, 1, 0.6]))
   np.testing.assert_allclose(ref.conflict_scores(o, h_gen, h_safe), want, atol=1e-12)
   np.testing.assert_allclose(score_heads(o, h_gen, h_safe, m=2).c.ravel(), want, atol=1e-12)
+
+
+def test_device_benchmark_runs_end_to_end_on_a_tiny_shape(tmp_path):
+  """benchmarks/bench_diagnosis_device.py (the 8B-on-a-GPU measurement) at --shape=tiny on the
+  CPU: every stage runs, the sweeps cover every head, and the JSON holds both sides' times."""
+  import json
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "r.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/bench_diagnosis_device.py", "--shape=tiny", "--n_safe=4",
+       "--n_util=4", "--gen_len=4", "--prompt_len=12", f"--out={out}"], cwd=repo, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())
+  assert got["ours"]["heads"] == 16 and set(got["ours"]["seconds"]) == {"gradients", "mcq",
+                                                                       "safety"}
+  assert got["reference"]["heads_timed"] == 2 and got["ratio"] > 0
+  assert "ours, all 16 heads" in proc.stdout

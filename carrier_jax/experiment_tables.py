@@ -60,6 +60,7 @@ def main_table(behaviour: str, ev: dict, sparsity: dict | None, mmlu_eval: dict 
     row.update(_sparsity(sparsity) if name == "LCDD" else {})
     if name == "LCDD":
       row["KL(SFT||LCDD)"] = _kl(ev, "SFT", "LCDD")
+      row["KL(Base||LCDD)"] = _kl(ev, "Base", "LCDD")  # what the trigger should bring down
     if name.startswith("LCDD+"):
       row["KL(SFT||Trig)"] = _kl(ev, "SFT", name)
       row["KL(Base||Trig)"] = _kl(ev, "Base", name)

@@ -62,6 +62,7 @@ def test_carrier_experiment_tables_match_stage_files_and_rerun_skips(tmp_path):
   assert rows["LCDD"]["gate sparsity"] == sp["gate_sparsity"]["overall"]
   assert rows["LCDD"]["dW sparsity"] == sp["delta_sparsity"]["overall"]
   assert rows["LCDD"]["KL(SFT||LCDD)"] == ev["kl"]["SFT||LCDD"]["mean"]
+  assert rows["LCDD"]["KL(Base||LCDD)"] == ev["kl"]["Base||LCDD"]["mean"]
   assert rows["LCDD+Trig"]["KL(SFT||Trig)"] == ev["kl"]["SFT||LCDD+Trigger"]["mean"]
   assert rows["LCDD+Trig"]["KL(Base||Trig)"] == ev["kl"]["Base||LCDD+Trigger"]["mean"]
 

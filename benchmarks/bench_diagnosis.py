@@ -415,7 +415,8 @@ def main():
           f"ours {big_o / 3600:.1f} h ({1024 / big_o:.4f} heads/s), reference "
           f"{big_r / 3600:.1f} h ({1024 / big_r:.4f} heads/s), ratio {big_r / big_o:.2f}x: each "
           f"stage's seconds x matmul FLOPs per token (8B / this model) x heads (1024 / "
-          f"{n_timed} timed); no device was lent to this run.")
+          f"{n_timed} timed). Measured on an H200 instead: benchmarks/bench_diagnosis_device.py "
+          "(docs/results/diagnosis_h200.md).")
   if x["tmp"] is not None:
     x["tmp"].cleanup()
   if cache is not None:

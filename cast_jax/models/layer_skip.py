@@ -39,6 +39,17 @@ def tail_params(params: Params, start_layer: int) -> Params:
   return dict(params, layers=jax.tree.map(lambda w: w[start_layer:], params["layers"]))
 
 
+def _check_inputs(fn: str, mask_shape: str, config: ModelConfig, head_mask, hidden) -> None:
+  """ValueError naming `fn` unless head_mask is None or [config.num_layers, H] and hidden is
+  [B, T, D] (config: the layers the function runs)."""
+  want = (config.num_layers, config.num_heads)
+  if head_mask is not None and tuple(head_mask.shape) != want:
+    raise ValueError(f"{fn}: head_mask {tuple(head_mask.shape)} must be {mask_shape} = {want}")
+  if hidden.ndim != 3 or hidden.shape[-1] != config.hidden_size:
+    raise ValueError(f"{fn}: hidden must be [B, T, {config.hidden_size}], got "
+                     f"{tuple(hidden.shape)}")
+
+
 def forward_from_layer(params: Params, config: ModelConfig, hidden: jnp.ndarray,
                        start_layer: int, *, attention_mask: jnp.ndarray | None = None,
                        positions: jnp.ndarray | None = None, head_mask: jnp.ndarray | None = None,
@@ -65,12 +76,7 @@ def forward_from_layer(params: Params, config: ModelConfig, hidden: jnp.ndarray,
   """
   start_layer = int(start_layer)
   c = tail_config(config, start_layer)
-  if head_mask is not None and tuple(head_mask.shape) != (c.num_layers, c.num_heads):
-    raise ValueError(f"forward_from_layer: head_mask {tuple(head_mask.shape)} must be "
-                     f"[L - start_layer, H] = {(c.num_layers, c.num_heads)}")
-  if hidden.ndim != 3 or hidden.shape[-1] != c.hidden_size:
-    raise ValueError(f"forward_from_layer: hidden must be [B, T, {c.hidden_size}], got "
-                     f"{tuple(hidden.shape)}")
+  _check_inputs("forward_from_layer", "[L - start_layer, H]", c, head_mask, hidden)
   B, T = hidden.shape[:2]
   mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask
   if positions is None:
@@ -203,13 +209,8 @@ def forward_from_any_layer(params: Params, config: ModelConfig, hidden: jnp.ndar
   Returns:
     float32 logits [B, N, V] at `logits_at` ([B, T, V] without it).
   """
-  L, H = config.num_layers, config.num_heads
-  if head_mask is not None and tuple(head_mask.shape) != (L, H):
-    raise ValueError(f"forward_from_any_layer: head_mask {tuple(head_mask.shape)} must be "
-                     f"[L, H] = {(L, H)}")
-  if hidden.ndim != 3 or hidden.shape[-1] != config.hidden_size:
-    raise ValueError(f"forward_from_any_layer: hidden must be [B, T, {config.hidden_size}], got "
-                     f"{tuple(hidden.shape)}")
+  L = config.num_layers
+  _check_inputs("forward_from_any_layer", "[L, H]", config, head_mask, hidden)
   B, T = hidden.shape[:2]
   keep = suffix_length(logits_at, T) if last_positions is None else int(last_positions)
   if keep is not None and not 1 <= keep <= T:

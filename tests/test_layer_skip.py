@@ -97,3 +97,20 @@ def test_suffix_length():
   assert suffix_length([0], 10) is None  # reads the first token: everything kept
   assert suffix_length(None, 10) is None
   assert suffix_length(jnp.asarray([-1]), 10) is None  # traced: no static promise
+
+
+def test_entry_points_name_bad_shapes():
+  from cast_jax.models import ModelConfig, init_params
+  from cast_jax.models.layer_skip import forward_from_layer
+  c = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=24,
+                  num_layers=3, num_heads=4, num_kv_heads=2, head_dim=4)
+  p = init_params(c, jax.random.PRNGKey(0))
+  h = jnp.zeros((2, 5, 16))
+  with pytest.raises(ValueError, match=r"forward_from_layer: head_mask \(3, 4\) must be "
+                                       r"\[L - start_layer, H\] = \(2, 4\)"):
+    forward_from_layer(p, c, h, 1, head_mask=jnp.ones((3, 4)))
+  with pytest.raises(ValueError, match=r"forward_from_any_layer: head_mask \(2, 4\) must be "
+                                       r"\[L, H\] = \(3, 4\)"):
+    forward_from_any_layer(p, c, h, jnp.int32(1), head_mask=jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match=r"forward_from_any_layer: hidden must be \[B, T, 16\]"):
+    forward_from_any_layer(p, c, jnp.zeros((2, 5, 8)), jnp.int32(0))
